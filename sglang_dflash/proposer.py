@@ -1,0 +1,88 @@
+"""One draft step for a batch: the block ``[bonus, MASK x (B-1)]`` through the drafter.
+
+SGLang-agnostic on purpose: it takes tensors and callables (the target's embedding and
+lm_head), so it can be unit-tested against the reference and captured in a CUDA graph
+as a whole (embed, layers, lm_head, argmax / sample).
+
+Proposals are the drafter's argmax for greedy requests. For sampled requests they are
+drawn from the drafter's own distribution, filtered with the request's temperature /
+top-k / top-p / min-p exactly like the target's, and that distribution is returned so
+verification can use the full ``target / draft`` acceptance ratio (see ``rejection``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .draft_attention import DraftAttnPlan
+from .drafter import DFlashDrafter
+from .rejection import sample_from
+from .sampling import RowSampling, filtered_probs
+
+
+@dataclass
+class Proposal:
+    """tokens: [bs, B], column 0 = bonus; draft_probs: [S, B-1, V] for the sampled rows
+    (in ``sampled_rows`` order), or None when every request is greedy."""
+
+    tokens: torch.Tensor
+    draft_probs: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+
+
+class BlockProposer:
+    def __init__(
+        self,
+        drafter: DFlashDrafter,
+        attention,
+        *,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        lm_head: Callable[[torch.Tensor], torch.Tensor],
+        mask_token_id: int,
+        block_size: int,
+    ) -> None:
+        self.drafter = drafter
+        self.attention = attention
+        self.embed = embed
+        self.lm_head = lm_head
+        self.mask_token_id = int(mask_token_id)
+        self.block_size = int(block_size)
+
+    def block_tokens(self, bonus: torch.Tensor) -> torch.Tensor:
+        block = torch.full((bonus.shape[0], self.block_size), self.mask_token_id, dtype=torch.long, device=bonus.device)
+        block[:, 0] = bonus
+        return block
+
+    def draft_logits(self, bonus: torch.Tensor, plan: DraftAttnPlan) -> torch.Tensor:
+        """[bs] bonus tokens -> [bs, B-1, V] draft logits for block positions 1..B-1."""
+        bs, block = bonus.shape[0], self.block_size
+        self.attention.bind(plan)
+        x = self.drafter.scale_input(self.embed(self.block_tokens(bonus).reshape(-1)))
+        hidden = self.drafter(x, plan.q_positions.reshape(-1), self.attention)
+        hidden = hidden.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
+        return self.lm_head(hidden).view(bs, block - 1, -1)
+
+    def propose(
+        self,
+        bonus: torch.Tensor,
+        plan: DraftAttnPlan,
+        *,
+        sampled_rows: Optional[torch.Tensor] = None,
+        sampling: Optional[RowSampling] = None,
+        uniforms: Optional[torch.Tensor] = None,
+    ) -> Proposal:
+        """Greedy for every row, then redraw ``sampled_rows`` from the drafter's
+        filtered distribution (``sampling``/``uniforms`` are per sampled row)."""
+        logits = self.draft_logits(bonus, plan)
+        drafts = logits.argmax(dim=-1)
+        draft_probs = None
+        if sampled_rows is not None and sampled_rows.numel():
+            rows = logits[sampled_rows]
+            s, steps, vocab = rows.shape
+            draft_probs = filtered_probs(rows.reshape(s * steps, vocab), sampling.repeat_interleave(steps)).view(s, steps, vocab)
+            drafts[sampled_rows] = sample_from(draft_probs.reshape(s * steps, vocab), uniforms.reshape(-1)).view(s, steps)
+        tokens = torch.cat([bonus[:, None].long(), drafts], dim=1)
+        return Proposal(tokens=tokens, draft_probs=draft_probs, logits=logits)

@@ -1,0 +1,293 @@
+"""Everything specific to SGLang 0.5.23: the one module to change for the next release.
+
+The rest of the package imports SGLang symbols from here only. This module
+
+* checks the installed SGLang version and refuses loudly on any other;
+* re-exports the SGLang internals the worker builds on (spec-v2 worker base, batch
+  structures, KV allocation helpers);
+* installs the plugin hooks that make ``--speculative-algorithm DFLASH`` create *our*
+  worker (``SGLANG_DFLASH_BACKEND=upstream`` keeps SGLang's), validate DFLASH server
+  args and requests our way, capture the target layers our config names, and run
+  TARGET_VERIFY batches on the CPU ``torch_native`` attention backend, which 0.5.23
+  cannot do by itself (for both backends, so upstream can be benchmarked on CPU too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from . import SGLANG_VERSION
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "SGLANG_DFLASH_BACKEND"
+OURS, UPSTREAM = "sglang-dflash", "upstream"
+
+
+class SGLangVersionError(RuntimeError):
+    """The installed SGLang is not the release this package's glue targets."""
+
+
+def installed_sglang_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version("sglang")
+    except Exception:
+        return None
+
+
+def check_version() -> None:
+    found = installed_sglang_version()
+    if found != SGLANG_VERSION:
+        raise SGLangVersionError(
+            f"sglang-dflash supports SGLang {SGLANG_VERSION} only, found {found}; "
+            f"install sglang=={SGLANG_VERSION} or set {BACKEND_ENV}={UPSTREAM} to use SGLang's built-in DFLASH"
+        )
+
+
+def selected_backend() -> str:
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if value in ("", OURS, "ours", "sglang_dflash"):
+        return OURS
+    if value == UPSTREAM:
+        return UPSTREAM
+    raise ValueError(f"{BACKEND_ENV}={value!r} is not one of {OURS!r}, {UPSTREAM!r}")
+
+
+# --------------------------------------------------------------------------------------
+# SGLang internals the worker builds on. Resolved lazily (PEP 562): this module is
+# imported by the plugin in every SGLang process, and most of those never run a worker.
+# --------------------------------------------------------------------------------------
+_EXPORTS = {
+    "BaseSpecWorker": "sglang.srt.speculative.base_spec_worker",
+    "SpecInput": "sglang.srt.speculative.spec_info",
+    "SpecInputType": "sglang.srt.speculative.spec_info",
+    "SpeculativeAlgorithm": "sglang.srt.speculative.spec_info",
+    "ScheduleBatch": "sglang.srt.managers.schedule_batch",
+    "GenerationBatchResult": "sglang.srt.managers.utils",
+    "LogitsProcessorOutput": "sglang.srt.layers.logits_processor",
+    "CaptureHiddenMode": "sglang.srt.model_executor.forward_batch_info",
+    "ForwardBatch": "sglang.srt.model_executor.forward_batch_info",
+    "ForwardMode": "sglang.srt.model_executor.forward_batch_info",
+    "alloc_for_spec_decode": "sglang.srt.mem_cache.allocation",
+    "get_spec": "sglang.srt.runtime_context",
+    "get_parallel": "sglang.srt.runtime_context",
+    "tensor_model_parallel_all_gather": "sglang.srt.distributed",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------
+_HOOKS = "sglang.srt"
+
+
+def install() -> None:
+    """Register the hooks; SGLang applies them after every plugin has run."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    try:
+        check_version()
+    except SGLangVersionError as exc:
+        logger.error("%s", exc)
+        _register_refusal(HookRegistry, HookType, str(exc))
+        return
+    backend = selected_backend()
+    logger.info("sglang-dflash: DFLASH backend = %s", backend)
+    spec = f"{_HOOKS}.speculative.spec_info.SpeculativeAlgorithm"
+    HookRegistry.register(f"{spec}.create_worker", _create_worker_hook, HookType.AROUND)
+    HookRegistry.register(
+        f"{_HOOKS}.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
+        _torch_native_forward_extend_hook,
+        HookType.AROUND,
+    )
+    if backend == OURS:
+        HookRegistry.register(f"{_HOOKS}.arg_groups.speculative_hook._handle_dflash", _handle_dflash, HookType.REPLACE)
+        HookRegistry.register(
+            f"{_HOOKS}.model_executor.model_runner_components.spec_aux_hidden_state._resolve_dflash_aux_hidden_state",
+            _resolve_dflash_aux_hidden_state,
+            HookType.REPLACE,
+        )
+        HookRegistry.register(
+            f"{_HOOKS}.speculative.dflash_utils.validate_dflash_request", _validate_request, HookType.REPLACE
+        )
+    else:
+        _register_upstream_cpu_lifts(HookRegistry, HookType)
+
+
+def _register_refusal(registry, hook_type, message: str) -> None:
+    """On a foreign SGLang, make DFLASH fail at launch instead of silently running upstream."""
+
+    def refuse(original, self, *args, **kwargs):
+        if getattr(self, "is_dflash", lambda: False)() and selected_backend() == OURS:
+            raise SGLangVersionError(message)
+        return original(self, *args, **kwargs)
+
+    spec = f"{_HOOKS}.speculative.spec_info.SpeculativeAlgorithm"
+    registry.register(f"{spec}.handle_server_args", refuse, hook_type.AROUND)
+    registry.register(f"{spec}.create_worker", refuse, hook_type.AROUND)
+
+
+def _create_worker_hook(original, self, server_args):
+    if self.is_dflash() and selected_backend() == OURS:
+        from .worker import DFlashWorker
+
+        return DFlashWorker
+    return original(self, server_args)
+
+
+# --------------------------------------------------------------------------------------
+# Server args: our DFLASH validation and resolution (replaces upstream's _handle_dflash)
+# --------------------------------------------------------------------------------------
+SUPPORTED_DEVICES = ("cuda", "cpu")
+DRAFTER_ATTENTION_BACKENDS = ("torch_native", "flashinfer")
+
+
+def _handle_dflash(server_args) -> None:
+    """Validate a DFLASH launch for our worker; every refusal is one line saying what to change."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+    from sglang.srt.runtime_context import attn_dp_enabled_of
+
+    from .config import DFlashConfig
+
+    cfg = resolving_view(server_args)
+    source = "sglang_dflash"
+    device = str(cfg.device or "cuda")
+    if not device.startswith(SUPPORTED_DEVICES):
+        raise ValueError(f"sglang-dflash runs DFLASH on CUDA or CPU, not device {device!r}")
+    if attn_dp_enabled_of(cfg):
+        raise ValueError("sglang-dflash does not support --enable-dp-attention with DFLASH yet; drop that flag")
+    if cfg.pp_size != 1:
+        raise ValueError(f"sglang-dflash supports DFLASH with --pp-size 1 only, got {cfg.pp_size}")
+    if cfg.speculative_draft_model_path is None:
+        raise ValueError("DFLASH needs --speculative-draft-model-path (a DFlash drafter checkpoint)")
+    if getattr(cfg, "enable_lora", False):
+        raise ValueError("sglang-dflash does not support LoRA adapters with DFLASH yet")
+    draft = DFlashConfig.from_pretrained(cfg.speculative_draft_model_path)
+    block = _resolve_block_size(cfg, draft)
+    attn = cfg.speculative_draft_attention_backend
+    if attn is not None and attn not in DRAFTER_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"--speculative-draft-attention-backend {attn!r} is not a sglang-dflash drafter backend; "
+            f"use one of {list(DRAFTER_ATTENTION_BACKENDS)}"
+        )
+    resolved: dict[str, Any] = dict(speculative_num_draft_tokens=block, speculative_num_steps=1)
+    if cfg.speculative_eagle_topk is None:
+        resolved["speculative_eagle_topk"] = 1
+    if cfg.max_running_requests is None:
+        resolved["max_running_requests"] = 48
+    if device == "cpu" and not cfg.disable_overlap_schedule:
+        resolved["disable_overlap_schedule"] = True  # as SGLang does for every spec algorithm on CPU
+    if getattr(cfg, "enable_mixed_chunk", False):
+        logger.warning("sglang-dflash: --enable-mixed-chunk is not supported with DFLASH; disabling it")
+        resolved["enable_mixed_chunk"] = False
+    declare_resolution(server_args, source, **resolved)
+
+
+def _resolve_block_size(cfg, draft) -> int:
+    alias, tokens = cfg.speculative_dflash_block_size, cfg.speculative_num_draft_tokens
+    if alias is not None and tokens is not None and int(alias) != int(tokens):
+        raise ValueError(
+            f"--speculative-dflash-block-size {alias} and --speculative-num-draft-tokens {tokens} differ; "
+            "for DFLASH they name the same block size"
+        )
+    block = int(alias if alias is not None else tokens if tokens is not None else draft.block_size)
+    if block < 2:
+        raise ValueError(f"DFLASH block size must be >= 2 (a bonus token plus drafts), got {block}")
+    return block
+
+
+def _resolve_dflash_aux_hidden_state(*, config, server_args, model_config, spec_algorithm, is_draft_worker) -> None:
+    """Tell the target runner which layers to capture, from *our* config parser.
+
+    SGLang's ``set_dflash_layers_to_capture`` turns these DFlash ids into capture
+    points; the worker checks at start-up that the points it installed equal
+    :func:`sglang_dflash.config.capture_points`, so a changed convention fails loudly.
+    """
+    if not spec_algorithm.is_dflash() or is_draft_worker:
+        return
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.runtime_context import get_spec
+
+    from .config import DFlashConfig
+
+    num_layers = int(model_config.hf_text_config.num_hidden_layers)
+    draft = DFlashConfig.from_pretrained(get_spec().speculative_draft_model_path, target_num_layers=num_layers)
+    config.dflash_use_aux_hidden_state = True
+    config.dflash_draft_num_layers = draft.num_layers
+    config.dflash_target_layer_ids = list(draft.target_layer_ids)
+    config.draft_kv_num_layers = draft.num_layers
+    config.draft_model_config = ModelConfig.from_server_args(
+        server_args,
+        model_path=get_spec().speculative_draft_model_path,
+        model_revision=get_spec().speculative_draft_model_revision,
+        is_draft_model=True,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Per-request validation (the scheduler aborts a refused request with this message)
+# --------------------------------------------------------------------------------------
+def _validate_request(req, enable_overlap: bool) -> Optional[str]:
+    from .request_support import unsupported_reason
+
+    return unsupported_reason(req)
+
+
+# --------------------------------------------------------------------------------------
+# TARGET_VERIFY on the CPU torch_native attention backend
+# --------------------------------------------------------------------------------------
+def _torch_native_forward_extend_hook(original, self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+    if not forward_batch.forward_mode.is_target_verify():
+        return original(self, q, k, v, layer, forward_batch, save_kv_cache, **kw)
+    return _torch_native_verify(self, q, k, v, layer, forward_batch, save_kv_cache)
+
+
+def _torch_native_verify(backend, q, k, v, layer, fb, save_kv_cache: bool):
+    """Fixed-width verify/draft block: each request's N queries see its committed prefix
+    (``seq_lens``) and the block; causal within the block unless the layer is
+    encoder-only (a drafter) or the spec input carries a tree mask."""
+    import torch
+    from sglang.srt.layers.radix_attention import AttentionType
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from .verify_attention import verify_attention
+
+    if save_kv_cache and k is not None and v is not None:
+        backend.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, backend.swa_out_cache_loc), k, v)
+    bs = fb.seq_lens.shape[0]
+    n = q.shape[0] // bs
+    causal = layer.attn_type != AttentionType.ENCODER_ONLY
+    out = verify_attention(
+        q.view(bs, n, layer.tp_q_head_num, layer.qk_head_dim),
+        backend.token_to_kv_pool.get_key_buffer(layer.layer_id),
+        backend.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        kv_slots=backend.req_to_token_pool.req_to_token[fb.req_pool_indices.long()],
+        prefix_lens=fb.seq_lens,
+        causal=causal,
+        tree_mask=getattr(fb.spec_info, "custom_mask", None),
+        scale=layer.scaling,
+    )
+    return out.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Upstream DFLASH on the CPU lane (SGLANG_DFLASH_BACKEND=upstream), for side-by-side runs
+# --------------------------------------------------------------------------------------
+def _register_upstream_cpu_lifts(registry, hook_type) -> None:
+    from . import upstream_cpu
+
+    upstream_cpu.register(registry, hook_type)

@@ -196,6 +196,19 @@ class DFlashConfig:
     def capture_points(self) -> list[int]:
         return capture_points(self.target_layer_ids)
 
+    def captured_feature_order(self) -> Optional[list[int]]:
+        """Where each listed feature sits in what SGLang captures, or None if identical.
+
+        SGLang appends a capture when the forward reaches a listed layer, so features
+        arrive in ascending layer order, each layer once; DFlash concatenates them in
+        the order ``target_layer_ids`` lists them, duplicates included (the default
+        rule yields ``[1, 1]`` for small targets). Gathering feature chunks by this
+        index turns the first into the second.
+        """
+        captured = sorted(set(self.target_layer_ids))
+        order = [captured.index(i) for i in self.target_layer_ids]
+        return None if order == list(range(len(captured))) else order
+
     def layer_is_causal(self, layer: int) -> bool:
         """Sliding layers are causal within the block, full layers bidirectional,
         unless the checkpoint sets ``is_causal`` for all layers."""

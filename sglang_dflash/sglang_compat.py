@@ -90,9 +90,70 @@ def __getattr__(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# Hooks
+# Entry points. The plugin hooks below and the source patch in ``patches/`` call the
+# same functions, so both ways of enabling this package behave identically.
+# --------------------------------------------------------------------------------------
+def dflash_worker_class() -> Optional[type]:
+    """Our worker class for DFLASH, or None when the upstream backend is selected."""
+    if selected_backend() != OURS:
+        return None
+    from .worker import DFlashWorker
+
+    return DFlashWorker
+
+
+def handle_dflash_server_args(server_args) -> bool:
+    """Validate/resolve DFLASH server args our way; False leaves them to upstream."""
+    if selected_backend() != OURS:
+        return False
+    _handle_dflash(server_args)
+    return True
+
+
+def resolve_dflash_aux_hidden_state(**kwargs) -> bool:
+    """Configure the target's feature capture from our config; False leaves it to upstream."""
+    if selected_backend() != OURS:
+        return False
+    _resolve_dflash_aux_hidden_state(**kwargs)
+    return True
+
+
+def dflash_request_refusal(req) -> Optional[str]:
+    """Why our worker refuses this request (the scheduler answers HTTP 400), or None."""
+    from .request_support import unsupported_reason
+
+    return unsupported_reason(req)
+
+
+def torch_native_verify(backend, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
+    """TARGET_VERIFY attention on the torch_native backend (which 0.5.23 lacks)."""
+    return _torch_native_verify(backend, q, k, v, layer, forward_batch, save_kv_cache)
+
+
+def add_dflash_state(controller, state) -> None:
+    """``get_server_info()["internal_states"][i]["dflash"]``: which DFLASH backend runs,
+    what it loaded, and the KV pool counts tests use to prove nothing leaks."""
+    scheduler = controller.scheduler
+    if not scheduler.spec_algorithm.is_dflash():
+        return
+    worker = scheduler.draft_worker
+    info = worker.describe() if hasattr(worker, "describe") else {"backend": UPSTREAM}
+    info["kv_pool"] = {
+        "max_total_num_tokens": int(scheduler.max_total_num_tokens),
+        "available": int(scheduler.token_to_kv_pool_allocator.available_size()),
+        "evictable": int(scheduler.tree_cache.evictable_size()),
+        "protected": int(scheduler.tree_cache.protected_size()),
+        "free_req_slots": len(scheduler.req_to_token_pool.free_slots),
+        "req_slots": int(scheduler.req_to_token_pool.size),
+    }
+    state["dflash"] = info
+
+
+# --------------------------------------------------------------------------------------
+# Plugin hooks
 # --------------------------------------------------------------------------------------
 _HOOKS = "sglang.srt"
+_SPEC = f"{_HOOKS}.speculative.spec_info.SpeculativeAlgorithm"
 
 
 def install() -> None:
@@ -107,25 +168,28 @@ def install() -> None:
         return
     backend = selected_backend()
     logger.info("sglang-dflash: DFLASH backend = %s", backend)
-    spec = f"{_HOOKS}.speculative.spec_info.SpeculativeAlgorithm"
-    HookRegistry.register(f"{spec}.create_worker", _create_worker_hook, HookType.AROUND)
+    around = HookType.AROUND
+    HookRegistry.register(f"{_SPEC}.create_worker", _create_worker_hook, around)
     HookRegistry.register(
         f"{_HOOKS}.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
         _torch_native_forward_extend_hook,
-        HookType.AROUND,
+        around,
     )
-    if backend == OURS:
-        HookRegistry.register(f"{_HOOKS}.arg_groups.speculative_hook._handle_dflash", _handle_dflash, HookType.REPLACE)
-        HookRegistry.register(
-            f"{_HOOKS}.model_executor.model_runner_components.spec_aux_hidden_state._resolve_dflash_aux_hidden_state",
-            _resolve_dflash_aux_hidden_state,
-            HookType.REPLACE,
-        )
-        HookRegistry.register(
-            f"{_HOOKS}.speculative.dflash_utils.validate_dflash_request", _validate_request, HookType.REPLACE
-        )
-    else:
+    HookRegistry.register(
+        f"{_HOOKS}.managers.scheduler_components.internal_state.SchedulerInternalStateController._add_speculative",
+        _internal_state_hook,
+        HookType.AFTER,
+    )
+    if backend == UPSTREAM:
         _register_upstream_cpu_lifts(HookRegistry, HookType)
+        return
+    HookRegistry.register(f"{_HOOKS}.arg_groups.speculative_hook._handle_dflash", _handle_dflash_hook, around)
+    HookRegistry.register(
+        f"{_HOOKS}.model_executor.model_runner_components.spec_aux_hidden_state._resolve_dflash_aux_hidden_state",
+        _resolve_aux_hook,
+        around,
+    )
+    HookRegistry.register(f"{_HOOKS}.speculative.dflash_utils.validate_dflash_request", _validate_request_hook, around)
 
 
 def _register_refusal(registry, hook_type, message: str) -> None:
@@ -136,17 +200,39 @@ def _register_refusal(registry, hook_type, message: str) -> None:
             raise SGLangVersionError(message)
         return original(self, *args, **kwargs)
 
-    spec = f"{_HOOKS}.speculative.spec_info.SpeculativeAlgorithm"
-    registry.register(f"{spec}.handle_server_args", refuse, hook_type.AROUND)
-    registry.register(f"{spec}.create_worker", refuse, hook_type.AROUND)
+    registry.register(f"{_SPEC}.handle_server_args", refuse, hook_type.AROUND)
+    registry.register(f"{_SPEC}.create_worker", refuse, hook_type.AROUND)
 
 
 def _create_worker_hook(original, self, server_args):
-    if self.is_dflash() and selected_backend() == OURS:
-        from .worker import DFlashWorker
+    worker = dflash_worker_class() if self.is_dflash() else None
+    return worker if worker is not None else original(self, server_args)
 
-        return DFlashWorker
-    return original(self, server_args)
+
+def _handle_dflash_hook(original, server_args):
+    if not handle_dflash_server_args(server_args):
+        original(server_args)
+
+
+def _resolve_aux_hook(original, **kwargs):
+    if not resolve_dflash_aux_hidden_state(**kwargs):
+        original(**kwargs)
+
+
+def _validate_request_hook(original, req, enable_overlap):
+    if selected_backend() == OURS:
+        return dflash_request_refusal(req)
+    return original(req, enable_overlap)
+
+
+def _torch_native_forward_extend_hook(original, self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+    if forward_batch.forward_mode.is_target_verify():
+        return torch_native_verify(self, q, k, v, layer, forward_batch, save_kv_cache)
+    return original(self, q, k, v, layer, forward_batch, save_kv_cache, **kw)
+
+
+def _internal_state_hook(result, controller, state) -> None:
+    add_dflash_state(controller, state)
 
 
 # --------------------------------------------------------------------------------------
@@ -239,23 +325,8 @@ def _resolve_dflash_aux_hidden_state(*, config, server_args, model_config, spec_
 
 
 # --------------------------------------------------------------------------------------
-# Per-request validation (the scheduler aborts a refused request with this message)
-# --------------------------------------------------------------------------------------
-def _validate_request(req, enable_overlap: bool) -> Optional[str]:
-    from .request_support import unsupported_reason
-
-    return unsupported_reason(req)
-
-
-# --------------------------------------------------------------------------------------
 # TARGET_VERIFY on the CPU torch_native attention backend
 # --------------------------------------------------------------------------------------
-def _torch_native_forward_extend_hook(original, self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-    if not forward_batch.forward_mode.is_target_verify():
-        return original(self, q, k, v, layer, forward_batch, save_kv_cache, **kw)
-    return _torch_native_verify(self, q, k, v, layer, forward_batch, save_kv_cache)
-
-
 def _torch_native_verify(backend, q, k, v, layer, fb, save_kv_cache: bool):
     """Fixed-width verify/draft block: each request's N queries see its committed prefix
     (``seq_lens``) and the block; causal within the block unless the layer is
@@ -286,8 +357,80 @@ def _torch_native_verify(backend, q, k, v, layer, fb, save_kv_cache: bool):
 
 # --------------------------------------------------------------------------------------
 # Upstream DFLASH on the CPU lane (SGLANG_DFLASH_BACKEND=upstream), for side-by-side runs
+# and as a test oracle. Each lift removes one CPU refusal of 0.5.23's own DFLASH and
+# touches nothing when the device is a GPU.
 # --------------------------------------------------------------------------------------
 def _register_upstream_cpu_lifts(registry, hook_type) -> None:
-    from . import upstream_cpu
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+        return
+    from sglang.srt.arg_groups.choices import DRAFT_ATTENTION_BACKEND_CHOICES
 
-    upstream_cpu.register(registry, hook_type)
+    if "torch_native" not in DRAFT_ATTENTION_BACKEND_CHOICES:
+        DRAFT_ATTENTION_BACKEND_CHOICES.append("torch_native")  # the list is shared by reference
+    _make_record_stream_cpu_safe()
+    registry.register(f"{_HOOKS}.arg_groups.speculative_hook._handle_dflash", _upstream_handle_dflash_on_cpu, hook_type.AROUND)
+    registry.register(f"{_HOOKS}.models.dflash.DFlashAttention.__init__", _no_triton_qk_norm_rope, hook_type.AFTER)
+    registry.register(
+        f"{_HOOKS}.model_executor.model_runner.ModelRunner._extend_forward_kwargs",
+        _input_embeds_in_model_dtype,
+        hook_type.AFTER,
+    )
+
+
+def _upstream_handle_dflash_on_cpu(original, server_args):
+    """0.5.23 accepts DFLASH only on cuda/npu/xpu or an out-of-tree platform that says so."""
+    import sglang.srt.arg_groups.speculative_hook as hook
+
+    real = hook.current_platform
+
+    class _SaysYes:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def is_out_of_tree(self):
+            return True
+
+        def supports_speculative_algorithm(self, algorithm):
+            return True
+
+        def supports_speculative_draft_attention_backend(self, algorithm, backend):
+            return backend == "torch_native"
+
+        def get_default_speculative_draft_attention_backend(self, algorithm):
+            return "torch_native"
+
+    hook.current_platform = _SaysYes()
+    try:
+        original(server_args)
+    finally:
+        hook.current_platform = real
+
+
+def _make_record_stream_cpu_safe() -> None:
+    """``Tensor.record_stream`` is meaningless for CPU tensors but raises on them."""
+    import torch
+
+    original = torch.Tensor.record_stream
+    if getattr(original, "_sglang_dflash_cpu_safe", False):
+        return
+
+    def record_stream(self, stream):
+        if self.device.type == "cpu":
+            return None
+        return original(self, stream)
+
+    record_stream._sglang_dflash_cpu_safe = True
+    torch.Tensor.record_stream = record_stream
+
+
+def _no_triton_qk_norm_rope(result, self, *args, **kwargs):
+    """The fused q/k-norm+RoPE path of upstream's drafter is Triton-only."""
+    self.use_table_qk_norm_rope = False
+
+
+def _input_embeds_in_model_dtype(kwargs, self, forward_batch, pp_proxy_tensors=None):
+    """0.5.23 casts input embeddings to bfloat16 whatever the model dtype; upstream's
+    drafter is fed through input embeddings, so it fails on float32 models."""
+    if forward_batch.input_embeds is not None and "input_embeds" in kwargs:
+        kwargs["input_embeds"] = forward_batch.input_embeds.to(self.dtype)
+    return kwargs

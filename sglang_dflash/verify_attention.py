@@ -29,7 +29,7 @@ def verify_mask(
     prefix = prefix_lens.long()[:, None, None]
     cols = torch.arange(width, device=device)[None, None, :]
     rows = torch.arange(n, device=device)[None, :, None]
-    allowed = cols < prefix + n
+    allowed = (cols < prefix + n).expand(prefix_lens.shape[0], n, width)
     if tree_mask is not None:
         allowed = allowed & ((cols < prefix) | _tree_block(tree_mask, prefix_lens, n, width))
     elif causal:

@@ -63,6 +63,7 @@ class DFlashWorker(sg.BaseSpecWorker):
         self.drafter = load_drafter(path, dtype=runner.dtype, device=self.device, config=self.config)
         self.mask_token_id = _resolve_mask_token_id(self.config, server_args)
         self.tp_size = int(getattr(runner, "tp_size", 1))
+        self._feature_order = self.config.captured_feature_order()
         self.kv: Optional[DraftKVCache] = None
         self.proposer: Optional[BlockProposer] = None
         logger.info(
@@ -114,11 +115,18 @@ class DFlashWorker(sg.BaseSpecWorker):
                 f"target {type(model).__name__} does not capture DFlash features (no set_dflash_layers_to_capture)"
             )
         expected = capture_points(self.config.target_layer_ids)
-        if list(installed) != expected:
+        if sorted(set(installed)) != sorted(set(expected)):
             raise RuntimeError(
                 f"target captures hidden states before layers {list(installed)}, but DFlash target_layer_ids "
                 f"{list(self.config.target_layer_ids)} need {expected}: SGLang's capture convention changed"
             )
+
+    def _as_drafter_features(self, captured: torch.Tensor) -> torch.Tensor:
+        """SGLang's captured features [T, C*H] -> the drafter's [T, K*H] order."""
+        if self._feature_order is None:
+            return captured
+        chunks = captured.view(captured.shape[0], -1, self.config.hidden_size)
+        return chunks[:, self._feature_order].reshape(captured.shape[0], -1)
 
     def _full_vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Drafter hidden [T, H] -> logits [T, V] through the target's lm_head (TP-gathered)."""
@@ -126,6 +134,25 @@ class DFlashWorker(sg.BaseSpecWorker):
         if self.tp_size > 1:
             logits = sg.tensor_model_parallel_all_gather(logits)
         return logits[:, : self.vocab_size]
+
+    def describe(self) -> dict:
+        """What this worker is and holds (surfaced in SGLang's get_server_info)."""
+        from . import __version__
+
+        return {
+            "backend": sg.OURS,
+            "version": __version__,
+            "worker": type(self).__name__,
+            "drafter": {
+                "path": sg.get_spec().speculative_draft_model_path,
+                "layers": self.config.num_layers,
+                "target_layer_ids": list(self.config.target_layer_ids),
+                "mask_token_id": self.mask_token_id,
+            },
+            "block_size": self.block_size,
+            "drafter_attention": getattr(self.proposer.attention, "name", None) if self.proposer else None,
+            "drafter_kv_bytes": self.kv.bytes() if self.kv is not None else 0,
+        }
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -141,6 +168,7 @@ class DFlashWorker(sg.BaseSpecWorker):
         features = out.logits_output.hidden_states
         if features is None:
             raise RuntimeError("target prefill returned no DFlash features; aux hidden-state capture is off")
+        features = self._as_drafter_features(features)
         positions = torch.cat(
             [torch.arange(p, p + n) for p, n in zip(batch.prefix_lens, batch.extend_lens)]
         ).to(self.device)
@@ -184,7 +212,8 @@ class DFlashWorker(sg.BaseSpecWorker):
             sampled_rows=sampled_rows,
             sampling=sampling,
         )
-        self.drafter.inject(self.kv, logits_output.hidden_states, tree.positions(prefix).reshape(-1), plan.block_slots)
+        features = self._as_drafter_features(logits_output.hidden_states)
+        self.drafter.inject(self.kv, features, tree.positions(prefix).reshape(-1), plan.block_slots)
         logits_output.hidden_states = None
         commit_lens = acceptance.commit_lens
         new_seq_lens = prefix + commit_lens

@@ -1,0 +1,161 @@
+"""Real SGLang servers for tests, one subprocess per configuration.
+
+SGLang keeps process-global runtime state, so two ``sglang.Engine`` objects cannot live
+in one process; a ``launch_server`` subprocess per configuration isolates them, lets
+several stay warm across tests, and exercises the real HTTP path users run. A server
+start costs ~20-30 s on the CPU lane, so servers are pooled per session by config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+
+from sglang_dflash.cpu_lane import CPU_ENV
+
+BASE_ARGS = {
+    "device": "cpu",
+    "attention-backend": "torch_native",
+    "disable-cuda-graph": True,
+    "mem-fraction-static": 0.05,
+    "max-total-tokens": 8192,
+    "dtype": "float32",
+    "random-seed": 0,
+    "log-level": "warning",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_args(options: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        args.append(f"--{key}")
+        if value is not True:
+            args.append(str(value))
+    return args
+
+
+@dataclass
+class Server:
+    options: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: Optional[subprocess.Popen] = None
+    log_path: Optional[Path] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240.0) -> "Server":
+        self.port = free_port()
+        self.log_path = Path(tempfile.mkstemp(prefix="sglang-server-", suffix=".log")[1])
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += cli_args({**BASE_ARGS, **self.options})
+        env = {**os.environ, **CPU_ENV, **self.env}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    # ---------------------------------------------------------------- requests
+    def generate(self, prompts, sampling_params: dict, *, timeout: float = 600, **extra) -> list[dict]:
+        """POST /generate with a batch of prompts (text or token-id lists)."""
+        key = "input_ids" if prompts and isinstance(prompts[0], list) else "text"
+        body = {key: prompts, "sampling_params": sampling_params, **extra}
+        resp = requests.post(f"{self.url}/generate", json=body, timeout=timeout)
+        resp.raise_for_status()
+        out = resp.json()
+        return out if isinstance(out, list) else [out]
+
+    def generate_one(self, prompt, sampling_params: dict, **extra) -> dict:
+        return self.generate([prompt], sampling_params, **extra)[0]
+
+    def stream(self, prompt: str, sampling_params: dict, timeout: float = 600):
+        """Yield each streamed chunk (dict) of one request."""
+        body = {"text": prompt, "sampling_params": sampling_params, "stream": True}
+        with requests.post(f"{self.url}/generate", json=body, stream=True, timeout=timeout) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+                    yield json.loads(line[5:])
+
+    def server_info(self) -> dict:
+        return requests.get(f"{self.url}/get_server_info", timeout=60).json()
+
+    def dflash_state(self) -> Optional[dict]:
+        states = self.server_info().get("internal_states") or [{}]
+        return states[0].get("dflash")
+
+    def flush_cache(self) -> None:
+        requests.post(f"{self.url}/flush_cache", timeout=60)
+
+
+class ServerPool:
+    """Keeps at most ``capacity`` servers alive, keyed by their options."""
+
+    def __init__(self, capacity: int = 3) -> None:
+        self.capacity = capacity
+        self._servers: dict[str, Server] = {}
+
+    def get(self, options: dict[str, Any], env: Optional[dict[str, str]] = None) -> Server:
+        key = json.dumps([options, env or {}], sort_keys=True, default=str)
+        server = self._servers.pop(key, None)
+        if server is None or not server.alive():
+            while len(self._servers) >= self.capacity:
+                oldest = next(iter(self._servers))
+                self._servers.pop(oldest).stop()
+            server = Server(options=dict(options), env=dict(env or {})).start()
+        self._servers[key] = server  # most recently used last
+        return server
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.stop()
+        self._servers.clear()

@@ -1,0 +1,98 @@
+"""Issue [3 of 8]: greedy DFLASH output is token-for-token non-speculative SGLang.
+
+Real ``launch_server`` processes on the CPU lane, float32. Every configuration runs
+>= 50 requests with varied lengths (requests finish at different steps), shared
+prefixes (radix-cache hits), prompts longer than the forced-small chunked-prefill
+size, and stop tokens landing mid-block; afterwards the KV pools must be back to full.
+The default run covers one configuration per model; the full matrix (block 4/8/16 x
+page 1/16 x batch 1/16 x both models) is marked slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.equivalence import assert_pool_drained, assert_same_tokens, pool_baseline, request_params, run
+from tests.support.prompts import text_prompts, token_prompts
+
+N_PROMPTS = 50
+
+
+def spec_options(model, drafter, *, block, page, chunk):
+    return {
+        "model-path": model,
+        "speculative-algorithm": "DFLASH",
+        "speculative-draft-model-path": drafter,
+        "speculative-num-draft-tokens": block,
+        "page-size": page,
+        "chunked-prefill-size": chunk,
+        "max-running-requests": 16,
+    }
+
+
+def plain_options(model, *, page, chunk):
+    return {"model-path": model, "page-size": page, "chunked-prefill-size": chunk, "max-running-requests": 16}
+
+
+def check(servers, model, drafter, prompts, *, block, page, batch, stop_token_ids=None):
+    chunk = max(16, page)
+    spec = servers.get(spec_options(model, drafter, block=block, page=page, chunk=chunk))
+    plain = servers.get(plain_options(model, page=page, chunk=chunk))
+    start = pool_baseline(spec)
+    params = [
+        request_params(i, stop_token_ids=stop_token_ids if i % 3 == 0 else None) for i in range(len(prompts))
+    ]
+    got = run(spec, prompts, params, batch=batch)
+    want = run(plain, prompts, params, batch=batch)
+    assert_same_tokens(got, want, prompts)
+    assert spec.dflash_state()["backend"] == "sglang-dflash"
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in got if o["meta_info"]["completion_tokens"] > 1)
+    assert_pool_drained(spec, start)
+    return got
+
+
+def frequent_token(servers, model, prompts, page) -> list[int]:
+    """A token the plain model emits often, used as a stop token that hits mid-block."""
+    plain = servers.get(plain_options(model, page=page, chunk=max(16, page)))
+    outs = run(plain, prompts[:8], [request_params(i) for i in range(8)], batch=8)
+    counts: dict[int, int] = {}
+    for o in outs:
+        for t in o["output_ids"][3:]:
+            counts[t] = counts.get(t, 0) + 1
+    return [max(counts, key=counts.get)]
+
+
+@pytest.mark.parametrize("batch", [16, 1])
+def test_tiny_qwen3(servers, tiny_target, tiny_drafter, batch):
+    prompts = token_prompts(N_PROMPTS, vocab_size=512)
+    stop = frequent_token(servers, tiny_target, prompts, page=1)
+    check(servers, tiny_target, tiny_drafter, prompts, block=8, page=1, batch=batch, stop_token_ids=stop)
+
+
+def test_smollm2(servers, smollm2, smollm2_random_drafter):
+    prompts = text_prompts(N_PROMPTS)
+    check(servers, smollm2, smollm2_random_drafter, prompts, block=8, page=16, batch=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [16, 1])
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("block", [4, 8, 16])
+def test_tiny_qwen3_matrix(servers, tiny_target, models_dir, block, page, batch):
+    from sglang_dflash.devmodels.tiny import build_random_drafter
+
+    drafter = models_dir / f"tiny-drafter-b{block}"
+    if not drafter.exists():
+        build_random_drafter(drafter, target=tiny_target, num_layers=2, block_size=block)
+    prompts = token_prompts(N_PROMPTS, vocab_size=512, seed=block + page)
+    stop = frequent_token(servers, tiny_target, prompts, page=page)
+    check(servers, tiny_target, drafter, prompts, block=block, page=page, batch=batch, stop_token_ids=stop)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [16, 1])
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("block", [4, 8, 16])
+def test_smollm2_matrix(servers, smollm2, smollm2_random_drafter, block, page, batch):
+    prompts = text_prompts(N_PROMPTS, seed=block + page)
+    check(servers, smollm2, smollm2_random_drafter, prompts, block=block, page=page, batch=batch)

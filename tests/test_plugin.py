@@ -1,0 +1,161 @@
+"""Issue [1 of 8]: the plugin makes --speculative-algorithm DFLASH run *our* worker.
+
+Real servers on 127.0.0.1 (CPU lane), the programmatic Engine in a subprocess (SGLang
+keeps process-global state), the upstream fall-back, launch-time refusals, and the
+light-import and version-pin promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+import requests
+
+from sglang_dflash.cpu_lane import CPU_ENV
+from tests.support.prompts import token_prompts
+from tests.support.servers import BASE_ARGS, cli_args
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 24}
+
+
+def dflash_options(target, drafter, **extra):
+    return {"model-path": target, "speculative-algorithm": "DFLASH", "speculative-draft-model-path": drafter, **extra}
+
+
+def test_entry_point_is_registered():
+    (ep,) = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "dflash"]
+    assert ep.value == "sglang_dflash.plugin:register"
+
+
+def test_import_is_light():
+    code = "import sys, sglang_dflash, sglang_dflash.plugin; print(sorted(m for m in ('torch','sglang') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_launch_server_uses_our_worker(servers, tiny_target, tiny_drafter):
+    server = servers.get(dflash_options(tiny_target, tiny_drafter))
+    state = server.dflash_state()
+    assert state["backend"] == "sglang-dflash" and state["worker"] == "DFlashWorker"
+    assert state["block_size"] == 8 and state["drafter"]["layers"] == 2
+    info = server.server_info()
+    assert info["speculative_algorithm"] == "DFLASH" and info["speculative_num_draft_tokens"] == 8
+
+    out = server.generate_one("The quick brown fox", GREEDY)
+    assert out["meta_info"]["completion_tokens"] == 24 and out["meta_info"]["spec_verify_ct"] > 0
+    completion = requests.post(
+        f"{server.url}/v1/completions",
+        json={"model": "x", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0},
+        timeout=120,
+    ).json()
+    assert completion["choices"][0]["text"] == out["text"]
+
+
+def test_upstream_backend_switch(servers, tiny_target, tiny_drafter):
+    """SGLANG_DFLASH_BACKEND=upstream runs SGLang's own DFLASH (its CPU refusals lifted)
+    and it is lossless too, which makes it a usable oracle."""
+    upstream = servers.get(dflash_options(tiny_target, tiny_drafter), env={"SGLANG_DFLASH_BACKEND": "upstream"})
+    assert upstream.dflash_state()["backend"] == "upstream"
+    plain = servers.get({"model-path": tiny_target})
+    prompts = token_prompts(6, vocab_size=512)
+    got = upstream.generate(prompts, GREEDY)
+    want = plain.generate(prompts, GREEDY)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in got)
+
+
+ENGINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import sglang as sgl
+
+    def main():
+        target, drafter, spec = sys.argv[1], sys.argv[2], sys.argv[3] == "spec"
+        kwargs = dict(model_path=target, device="cpu", attention_backend="torch_native", disable_cuda_graph=True,
+                      mem_fraction_static=0.05, max_total_tokens=4096, dtype="float32", random_seed=0, log_level="error")
+        if spec:
+            kwargs.update(speculative_algorithm="DFLASH", speculative_draft_model_path=drafter)
+        llm = sgl.Engine(**kwargs)
+        try:
+            outs = llm.generate(["Once upon a time", "def add(a, b):"], {"temperature": 0.0, "max_new_tokens": 20})
+            states = llm.get_server_info()["internal_states"][0]
+            print(json.dumps({"ids": [o["output_ids"] for o in outs], "dflash": states.get("dflash")}))
+        finally:
+            llm.shutdown()
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def run_engine(tmp_path, target, drafter, mode):
+    script = tmp_path / "engine_script.py"
+    script.write_text(ENGINE_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(target), str(drafter), mode],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **CPU_ENV},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_programmatic_engine(tmp_path, tiny_target, tiny_drafter):
+    spec = run_engine(tmp_path, tiny_target, tiny_drafter, "spec")
+    plain = run_engine(tmp_path, tiny_target, tiny_drafter, "plain")
+    assert spec["dflash"]["backend"] == "sglang-dflash"
+    assert spec["ids"] == plain["ids"] and all(len(ids) == 20 for ids in spec["ids"])
+
+
+def launch_fails(options: dict, env: dict | None = None) -> str:
+    """Run launch_server with bad options; it must exit quickly, naming the problem."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--port", "1", *cli_args({**BASE_ARGS, **options})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **CPU_ENV, **(env or {})})
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def write_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda d: write_config(d, architectures=["DFlash2DraftModel"]), "DFlash2 drafters (DFlash2DraftModel"),
+        (lambda d: write_config(d, hidden_size=96), "does not match the target's hidden_size=64"),
+        (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    ],
+)
+def test_bad_drafter_refused_at_launch(tmp_path, tiny_target, tiny_drafter, make_bad, message):
+    import shutil
+
+    drafter = tmp_path / "drafter"
+    shutil.copytree(tiny_drafter, drafter)
+    make_bad(drafter)
+    assert message in launch_fails(dflash_options(tiny_target, drafter))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"pp-size": 2}, "supports DFLASH with --pp-size 1 only"),
+        ({"speculative-draft-attention-backend": "fa3"}, "is not a sglang-dflash drafter backend"),
+        ({"speculative-num-draft-tokens": 8, "speculative-dflash-block-size": 4}, "differ; for DFLASH they name the same block size"),
+    ],
+)
+def test_bad_flags_refused_at_launch(tiny_target, tiny_drafter, extra, message):
+    assert message in launch_fails(dflash_options(tiny_target, tiny_drafter, **extra))
+
+
+def test_missing_drafter_path(tiny_target):
+    out = launch_fails({"model-path": tiny_target, "speculative-algorithm": "DFLASH"})
+    assert "DFLASH needs --speculative-draft-model-path" in out

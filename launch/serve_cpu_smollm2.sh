@@ -15,6 +15,6 @@ exec "$PY" -m sglang.launch_server \
   --model-path "$MODEL" \
   --speculative-algorithm DFLASH \
   --speculative-draft-model-path "$DRAFTER" \
-  --device cpu --attention-backend torch_native --disable-cuda-graph \
+  --device cpu --attention-backend torch_native --disable-cuda-graph --sleep-on-idle \
   --dtype float32 --mem-fraction-static 0.05 --max-total-tokens 16384 \
   --host 127.0.0.1 --port "$PORT" "$@"

@@ -45,3 +45,35 @@ def greedy_chain_acceptance(draft_tokens: torch.Tensor, target_top1: torch.Tenso
     num_accepted = matches.cumprod(dim=1).sum(dim=1)
     bonus = target_top1.gather(1, num_accepted[:, None]).squeeze(1)
     return Acceptance(num_accepted=num_accepted, out_tokens=target_top1.clone(), bonus=bonus)
+
+
+@dataclass
+class TreeAcceptance(Acceptance):
+    """path: [bs, D+1] node index at each accepted depth (padded with the last node)."""
+
+    path: torch.Tensor = None
+
+
+def greedy_tree_acceptance(tokens: torch.Tensor, parents: torch.Tensor, target_top1: torch.Tensor, max_depth: int) -> TreeAcceptance:
+    """Walk from the root, each step to the child whose token is the target's argmax.
+
+    tokens, parents, target_top1: [bs, N]. Children of one node carry distinct tokens
+    except padding copies, which come after the real child, so taking the first match
+    is deterministic. Emitted tokens are the target's argmax along the accepted path.
+    """
+    bs = tokens.shape[0]
+    rows = torch.arange(bs, device=tokens.device)
+    cur = torch.zeros(bs, dtype=torch.long, device=tokens.device)
+    alive = torch.ones(bs, dtype=torch.bool, device=tokens.device)
+    path = [cur]
+    for _ in range(max_depth):
+        want = target_top1[rows, cur]
+        match = (parents == cur[:, None]) & (tokens == want[:, None])
+        alive = alive & match.any(dim=1)
+        cur = torch.where(alive, match.int().argmax(dim=1), cur)
+        path.append(cur)
+    path = torch.stack(path, dim=1)
+    num_accepted = (path[:, 1:] != path[:, :-1]).sum(dim=1)
+    out_tokens = target_top1.gather(1, path)
+    bonus = out_tokens[rows, num_accepted]
+    return TreeAcceptance(num_accepted=num_accepted, out_tokens=out_tokens, bonus=bonus, path=path)

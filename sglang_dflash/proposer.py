@@ -32,6 +32,15 @@ class Proposal:
     draft_probs: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
 
+    def truncated(self, verify_len: int) -> "Proposal":
+        """The first ``verify_len`` block nodes (bonus + ``verify_len - 1`` drafts)."""
+        steps = verify_len - 1
+        return Proposal(
+            tokens=self.tokens[:, :verify_len],
+            draft_probs=None if self.draft_probs is None else self.draft_probs[:, :steps],
+            logits=None if self.logits is None else self.logits[:, :steps],
+        )
+
 
 class BlockProposer:
     def __init__(
@@ -74,15 +83,27 @@ class BlockProposer:
         sampling: Optional[RowSampling] = None,
         uniforms: Optional[torch.Tensor] = None,
     ) -> Proposal:
-        """Greedy for every row, then redraw ``sampled_rows`` from the drafter's
-        filtered distribution (``sampling``/``uniforms`` are per sampled row)."""
         logits = self.draft_logits(bonus, plan)
-        drafts = logits.argmax(dim=-1)
-        draft_probs = None
-        if sampled_rows is not None and sampled_rows.numel():
-            rows = logits[sampled_rows]
-            s, steps, vocab = rows.shape
-            draft_probs = filtered_probs(rows.reshape(s * steps, vocab), sampling.repeat_interleave(steps)).view(s, steps, vocab)
-            drafts[sampled_rows] = sample_from(draft_probs.reshape(s * steps, vocab), uniforms.reshape(-1)).view(s, steps)
-        tokens = torch.cat([bonus[:, None].long(), drafts], dim=1)
-        return Proposal(tokens=tokens, draft_probs=draft_probs, logits=logits)
+        return make_proposal(bonus, logits, logits.argmax(dim=-1), sampled_rows=sampled_rows, sampling=sampling, uniforms=uniforms)
+
+
+def make_proposal(
+    bonus: torch.Tensor,
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    *,
+    sampled_rows: Optional[torch.Tensor] = None,
+    sampling: Optional[RowSampling] = None,
+    uniforms: Optional[torch.Tensor] = None,
+) -> Proposal:
+    """Greedy ``drafts`` for every row, then ``sampled_rows`` redrawn from the drafter's
+    filtered distribution (``sampling`` and ``uniforms`` [S, B-1] are per sampled row)."""
+    draft_probs = None
+    if sampled_rows is not None and sampled_rows.numel():
+        rows = logits[sampled_rows]
+        s, steps, vocab = rows.shape
+        draft_probs = filtered_probs(rows.reshape(s * steps, vocab), sampling.repeat_interleave(steps)).view(s, steps, vocab)
+        drafts = drafts.clone()
+        drafts[sampled_rows] = sample_from(draft_probs.reshape(s * steps, vocab), uniforms.reshape(-1)).view(s, steps)
+    tokens = torch.cat([bonus[:, None].long(), drafts], dim=1)
+    return Proposal(tokens=tokens, draft_probs=draft_probs, logits=logits)

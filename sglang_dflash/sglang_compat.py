@@ -76,6 +76,7 @@ _EXPORTS = {
     "get_spec": "sglang.srt.runtime_context",
     "get_parallel": "sglang.srt.runtime_context",
     "tensor_model_parallel_all_gather": "sglang.srt.distributed",
+    "graph_capture": "sglang.srt.distributed.parallel_state",
 }
 
 
@@ -190,6 +191,8 @@ def install() -> None:
         around,
     )
     HookRegistry.register(f"{_HOOKS}.speculative.dflash_utils.validate_dflash_request", _validate_request_hook, around)
+    HookRegistry.register(f"{_HOOKS}.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AFTER)
+    HookRegistry.register(f"{_HOOKS}.server_args.ServerArgs.from_cli_args", _from_cli_args_hook, HookType.BEFORE)
 
 
 def _register_refusal(registry, hook_type, message: str) -> None:
@@ -235,6 +238,19 @@ def _internal_state_hook(result, controller, state) -> None:
     add_dflash_state(controller, state)
 
 
+def _add_cli_args_hook(result, parser) -> None:
+    from .options import add_cli_args
+
+    add_cli_args(parser)
+
+
+def _from_cli_args_hook(cls, args):
+    """Our flags are not ServerArgs fields: hand them to the scheduler via the environment."""
+    from .options import export_cli_args
+
+    export_cli_args(args)
+
+
 # --------------------------------------------------------------------------------------
 # Server args: our DFLASH validation and resolution (replaces upstream's _handle_dflash)
 # --------------------------------------------------------------------------------------
@@ -248,6 +264,7 @@ def _handle_dflash(server_args) -> None:
     from sglang.srt.runtime_context import attn_dp_enabled_of
 
     from .config import DFlashConfig
+    from .options import DFlashOptions
 
     cfg = resolving_view(server_args)
     source = "sglang_dflash"
@@ -263,14 +280,19 @@ def _handle_dflash(server_args) -> None:
     if getattr(cfg, "enable_lora", False):
         raise ValueError("sglang-dflash does not support LoRA adapters with DFLASH yet")
     draft = DFlashConfig.from_pretrained(cfg.speculative_draft_model_path)
-    block = _resolve_block_size(cfg, draft)
+    options = DFlashOptions.from_env()
+    block, width = _resolve_block_and_width(cfg, draft, options)
+    if options.verify_len is not None and options.verify_len > block:
+        raise ValueError(f"--speculative-dflash-verify-len {options.verify_len} exceeds the block size {block}")
     attn = cfg.speculative_draft_attention_backend
     if attn is not None and attn not in DRAFTER_ATTENTION_BACKENDS:
         raise ValueError(
             f"--speculative-draft-attention-backend {attn!r} is not a sglang-dflash drafter backend; "
             f"use one of {list(DRAFTER_ATTENTION_BACKENDS)}"
         )
-    resolved: dict[str, Any] = dict(speculative_num_draft_tokens=block, speculative_num_steps=1)
+    resolved: dict[str, Any] = dict(
+        speculative_num_draft_tokens=width, speculative_dflash_block_size=block, speculative_num_steps=1
+    )
     if cfg.speculative_eagle_topk is None:
         resolved["speculative_eagle_topk"] = 1
     if cfg.max_running_requests is None:
@@ -283,17 +305,33 @@ def _handle_dflash(server_args) -> None:
     declare_resolution(server_args, source, **resolved)
 
 
-def _resolve_block_size(cfg, draft) -> int:
+def _resolve_block_and_width(cfg, draft, options) -> tuple[int, int]:
+    """(block size B the drafter runs, verify width W = nodes per verify).
+
+    A chain verifies the block: W == B, and the two flags naming it must agree. A top-K
+    tree takes the block from --speculative-dflash-block-size (or the checkpoint) and
+    its node budget from --speculative-num-draft-tokens (default 2B); it always holds
+    the top-1 chain, so W >= B.
+    """
     alias, tokens = cfg.speculative_dflash_block_size, cfg.speculative_num_draft_tokens
-    if alias is not None and tokens is not None and int(alias) != int(tokens):
-        raise ValueError(
-            f"--speculative-dflash-block-size {alias} and --speculative-num-draft-tokens {tokens} differ; "
-            "for DFLASH they name the same block size"
-        )
-    block = int(alias if alias is not None else tokens if tokens is not None else draft.block_size)
+    if options.tree:
+        block = int(alias if alias is not None else draft.block_size)
+        width = int(tokens if tokens is not None else 2 * block)
+        if width < block:
+            raise ValueError(
+                f"tree verification needs --speculative-num-draft-tokens (node budget {width}) >= "
+                f"the block size {block}: the tree always contains the top-1 chain"
+            )
+    else:
+        if alias is not None and tokens is not None and int(alias) != int(tokens):
+            raise ValueError(
+                f"--speculative-dflash-block-size {alias} and --speculative-num-draft-tokens {tokens} differ; "
+                "for DFLASH they name the same block size"
+            )
+        block = width = int(alias if alias is not None else tokens if tokens is not None else draft.block_size)
     if block < 2:
         raise ValueError(f"DFLASH block size must be >= 2 (a bonus token plus drafts), got {block}")
-    return block
+    return block, width
 
 
 def _resolve_dflash_aux_hidden_state(*, config, server_args, model_config, spec_algorithm, is_draft_worker) -> None:

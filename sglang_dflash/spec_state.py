@@ -32,6 +32,8 @@ class DFlashDraftState(sg.SpecInput):
 
     bonus_tokens: torch.Tensor
     new_seq_lens: torch.Tensor
+    # Nodes per verify (the block, or a tree's node budget): the slots to reserve.
+    verify_width: int = 0
     # Set by SGLang's scheduler when it relays this state through the FutureMap.
     future_indices: Optional[torch.Tensor] = None
     # Host upper bound of every request's reserved slots (covers prefix + block).
@@ -47,26 +49,26 @@ class DFlashDraftState(sg.SpecInput):
         self.num_tokens_for_logprob_per_req = 1
 
     @classmethod
-    def empty(cls, device: Any) -> "DFlashDraftState":
+    def empty(cls, device: Any, verify_width: int) -> "DFlashDraftState":
         return cls(
             bonus_tokens=torch.empty(0, dtype=torch.int64, device=device),
             new_seq_lens=torch.empty(0, dtype=torch.int64, device=device),
+            verify_width=verify_width,
         )
 
     def prepare_for_decode(self, batch) -> None:
         """Reserve KV slots for the next verify block of every request.
 
-        The block occupies ``[committed, committed + B)``. Under overlap scheduling the
+        The verify nodes occupy ``[committed, committed + W)``. Under overlap scheduling the
         host's committed length lags the device's by one step (up to ``B`` tokens), so
         the reservation doubles; rows are capped at the slot-table width, which
-        SGLang sizes to hold one block past the context length.
+        SGLang sizes to hold one verify width past the context length.
         """
         bs = batch.batch_size()
         if bs == 0:
             return
         batch.maybe_evict_swa()
-        block = int(sg.get_spec().speculative_num_draft_tokens)
-        reserve = block * (2 if batch.enable_overlap else 1)
+        reserve = self.verify_width * (2 if batch.enable_overlap else 1)
         allocator = batch.token_to_kv_pool_allocator
         page_size = allocator.page_size
         row_width = batch.req_to_token_pool.req_to_token.shape[1]

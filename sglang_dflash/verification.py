@@ -15,7 +15,7 @@ import torch
 
 from .acceptance import Acceptance, greedy_chain_acceptance
 from .proposer import Proposal
-from .rejection import chain_rejection_sample
+from .rejection import chain_rejection_sample, sample_from
 from .sampling import RowSampling, filtered_probs
 
 
@@ -40,6 +40,10 @@ def verify_chain(
     vocab = target_logits.shape[-1]
     target_probs = filtered_probs(target_logits[sampled_rows].reshape(s * n, vocab), sampling.repeat_interleave(n))
     device = target_logits.device
+    if n == 1:  # nothing drafted (speculation off): a plain sample from the target
+        result.bonus[sampled_rows] = sample_from(target_probs, torch.rand(s, device=device, generator=generator))
+        result.out_tokens[sampled_rows, 0] = result.bonus[sampled_rows]
+        return result
     sampled = chain_rejection_sample(
         proposal.tokens[sampled_rows],
         target_probs.view(s, n, vocab),

@@ -23,6 +23,7 @@ frees what a request no longer needs.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any, Optional
 
 import torch
@@ -32,11 +33,15 @@ from .checkpoint import load_drafter
 from .config import DFlashConfig, DFlashConfigError, capture_points
 from .draft_attention import DraftAttnPlan, TorchDraftAttention
 from .draft_kv import DraftKVCache
-from .proposer import BlockProposer
+from .adaptive import VerifyLengthPolicy
+from .options import DFlashOptions
+from .proposer import BlockProposer, Proposal
+from .step_clock import StepClock
 from .sampling import RowSampling
 from .spec_state import BlockVerifyInput, DFlashDraftState
+from .acceptance import greedy_tree_acceptance
 from .verification import sampled_row_index, verify_chain
-from .verify_tree import VerifyTree, build_chain
+from .verify_tree import VerifyTree, build_chain, build_topk_tree
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,9 @@ class DFlashWorker(sg.BaseSpecWorker):
         self.model_runner = runner
         self.device = runner.device
         spec = sg.get_spec()
-        self.block_size = int(spec.speculative_num_draft_tokens)
+        self.options = DFlashOptions.from_env()
+        self.verify_width = int(spec.speculative_num_draft_tokens)
+        self.block_size = int(spec.speculative_dflash_block_size or self.verify_width)
         model_config = runner.model_config
         self.num_target_layers = int(model_config.hf_text_config.num_hidden_layers)
         self.vocab_size = int(model_config.vocab_size)
@@ -64,8 +71,15 @@ class DFlashWorker(sg.BaseSpecWorker):
         self.mask_token_id = _resolve_mask_token_id(self.config, server_args)
         self.tp_size = int(getattr(runner, "tp_size", 1))
         self._feature_order = self.config.captured_feature_order()
+        self.policy = VerifyLengthPolicy(
+            self.block_size, fixed=self.options.verify_len, adaptive=self.options.adaptive and not self.options.tree
+        )
+        self._pending_steps: deque = deque()
+        self._clock = StepClock(self.policy.cost)
         self.kv: Optional[DraftKVCache] = None
         self.proposer: Optional[BlockProposer] = None
+        self.graphed = None
+        self.graph_batch_sizes: tuple[int, ...] = ()
         logger.info(
             "sglang-dflash worker: drafter %s (%d layers, features from target layers %s), block %d, mask token %d",
             path,
@@ -96,15 +110,61 @@ class DFlashWorker(sg.BaseSpecWorker):
         model = self.model_runner.model
         self.proposer = BlockProposer(
             self.drafter,
-            TorchDraftAttention(self.kv, self.config),
+            self._drafter_attention(),
             embed=model.get_input_embeddings(),
             lm_head=self._full_vocab_logits,
             mask_token_id=self.mask_token_id,
             block_size=self.block_size,
         )
+        self._inject = self.drafter.inject
+        if self._on_cuda():
+            from .gpu import fused_inject
+
+            self._inject = lambda *args: fused_inject(self.drafter, *args)
 
     def init_cuda_graphs(self) -> None:
-        pass
+        """Capture the whole draft step per batch-size bucket (CUDA + FlashInfer only)."""
+        if not self.graph_batch_sizes:
+            return
+        from .gpu import GraphedProposer
+
+        self.graphed = GraphedProposer(
+            self.proposer,
+            batch_sizes=self.graph_batch_sizes,
+            pad_slot=0,  # SGLang's KV slot 0 is the padding slot, never a token's
+            capture_context=sg.graph_capture if self.tp_size > 1 else None,
+        )
+        self.graphed.capture()
+
+    def _on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+    def _drafter_attention(self):
+        """FlashInfer on CUDA (bf16/fp16) when available, else the portable torch SDPA."""
+        requested = sg.get_spec().speculative_draft_attention_backend
+        if not self._on_cuda() or requested == "torch_native":
+            if requested == "flashinfer":
+                raise DFlashConfigError("--speculative-draft-attention-backend flashinfer needs a CUDA device")
+            return TorchDraftAttention(self.kv, self.config)
+        from . import gpu
+
+        if not gpu.flashinfer_available() or self.model_runner.dtype not in (torch.bfloat16, torch.float16):
+            if requested == "flashinfer":
+                raise DFlashConfigError("the FlashInfer drafter needs flashinfer installed and a bf16/fp16 model")
+            logger.warning("sglang-dflash: FlashInfer unavailable for the drafter; using torch SDPA")
+            return TorchDraftAttention(self.kv, self.config)
+        self.graph_batch_sizes = self._graph_batch_sizes()
+        return gpu.FlashInferDraftAttention(self.kv, self.config, graph_batch_sizes=self.graph_batch_sizes)
+
+    def _graph_batch_sizes(self) -> tuple[int, ...]:
+        """Graph buckets up to the running-request cap; none when the target runs eagerly."""
+        if self.model_runner.decode_cuda_graph_runner is None:
+            return ()
+        from .gpu import DEFAULT_GRAPH_BATCH_SIZES
+
+        cap = int(self.server_args.max_running_requests or max(DEFAULT_GRAPH_BATCH_SIZES))
+        sizes = tuple(b for b in DEFAULT_GRAPH_BATCH_SIZES if b <= cap)
+        return sizes or (DEFAULT_GRAPH_BATCH_SIZES[0],)
 
     def _check_capture_points(self) -> None:
         """Refuse to run if the target does not capture what the drafter was trained on."""
@@ -150,6 +210,9 @@ class DFlashWorker(sg.BaseSpecWorker):
                 "mask_token_id": self.mask_token_id,
             },
             "block_size": self.block_size,
+            "verify_width": self.verify_width,
+            "options": {"adaptive": self.options.adaptive, "verify_len": self.options.verify_len, "tree_topk": self.options.tree_topk},
+            "acceptance_by_position": [round(float(a), 4) for a in self.policy.acceptance.global_alpha()],
             "drafter_attention": getattr(self.proposer.attention, "name", None) if self.proposer else None,
             "drafter_kv_bytes": self.kv.bytes() if self.kv is not None else 0,
         }
@@ -164,6 +227,7 @@ class DFlashWorker(sg.BaseSpecWorker):
         return self._decode(batch, on_publish)
 
     def _prefill(self, batch, on_publish):
+        self._clock.other_forward()
         out = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=sg.CaptureHiddenMode.FULL)
         features = out.logits_output.hidden_states
         if features is None:
@@ -172,49 +236,47 @@ class DFlashWorker(sg.BaseSpecWorker):
         positions = torch.cat(
             [torch.arange(p, p + n) for p, n in zip(batch.prefix_lens, batch.extend_lens)]
         ).to(self.device)
-        self.drafter.inject(self.kv, features, positions, batch.out_cache_loc)
+        self._inject(self.kv, features, positions, batch.out_cache_loc)
         out.logits_output.hidden_states = None  # never copy features to the host
         out.new_seq_lens = batch.seq_lens
         if on_publish is not None:
             on_publish(batch.seq_lens)
-        out.next_draft_input = DFlashDraftState(
-            bonus_tokens=out.next_token_ids.long(), new_seq_lens=batch.seq_lens.long()
-        )
+        out.next_draft_input = self._state(bonus_tokens=out.next_token_ids.long(), new_seq_lens=batch.seq_lens.long())
         return out
+
+    def _state(self, **tensors) -> DFlashDraftState:
+        return DFlashDraftState(**tensors, verify_width=self.verify_width)
 
     def _decode(self, batch, on_publish):
         state: DFlashDraftState = batch.spec_info
         prefix = batch.seq_lens
-        plan = DraftAttnPlan.from_req_to_token(
-            req_to_token=self.req_to_token_pool.req_to_token,
-            req_pool_indices=batch.req_pool_indices,
-            prefix_lens=prefix,
-            block_size=self.block_size,
-            width=self._plan_width(batch, state),
-        )
+        rids = [r.rid for r in batch.reqs]
         sampled_rows = sampled_row_index([r.sampling_params.top_k == 1 for r in batch.reqs], self.device)
-        sampling = None
-        if sampled_rows is not None:
-            sampling = RowSampling.from_sglang(batch.sampling_info).select(sampled_rows)
-        proposal = self.proposer.propose(
-            state.bonus_tokens,
-            plan,
-            sampled_rows=sampled_rows,
-            sampling=sampling,
-            uniforms=None if sampled_rows is None else torch.rand(sampled_rows.numel(), self.block_size - 1, device=self.device),
-        )
-        tree = build_chain(proposal.tokens)
-        logits_output, can_run_graph = self._verify(batch, tree, plan)
+        sampling = None if sampled_rows is None else RowSampling.from_sglang(batch.sampling_info).select(sampled_rows)
+        use_tree = self.options.tree and sampled_rows is None
+        verify_len = self.verify_width if use_tree else self.policy.choose(rids)
+        self._clock.decode_started(len(rids), verify_len)
+        proposal = self._propose(batch, state, verify_len, sampled_rows, sampling)
+        if use_tree:
+            top = proposal.logits.float().log_softmax(dim=-1).topk(self.options.tree_topk, dim=-1)
+            tree = build_topk_tree(proposal.tokens, top.indices, top.values, verify_len)
+        else:
+            tree = build_chain(proposal.tokens)
+        slots = self._verify_slots(batch, tree.num_nodes)
+        logits_output, can_run_graph = self._verify(batch, tree, slots)
         bs, n = tree.batch_size, tree.num_nodes
-        acceptance = verify_chain(
-            proposal,
-            logits_output.next_token_logits.view(bs, n, -1),
-            sampled_rows=sampled_rows,
-            sampling=sampling,
-        )
-        features = self._as_drafter_features(logits_output.hidden_states)
-        self.drafter.inject(self.kv, features, tree.positions(prefix).reshape(-1), plan.block_slots)
+        target_logits = logits_output.next_token_logits.view(bs, n, -1)
+        features = self._as_drafter_features(logits_output.hidden_states).view(bs, n, -1)
         logits_output.hidden_states = None
+        if tree.is_chain:
+            acceptance = verify_chain(proposal, target_logits, sampled_rows=sampled_rows, sampling=sampling)
+        else:
+            acceptance = greedy_tree_acceptance(tree.tokens, tree.parents, target_logits.argmax(dim=-1), self.block_size - 1)
+            features = self._commit_tree_path(acceptance.path, slots, features)
+        committed = acceptance.out_tokens.shape[1]
+        positions = prefix.long()[:, None] + torch.arange(committed, device=self.device)
+        self._inject(self.kv, features[:, :committed].reshape(bs * committed, -1), positions.reshape(-1), slots[:, :committed].reshape(-1))
+        self._pending_steps.append((rids, verify_len))
         commit_lens = acceptance.commit_lens
         new_seq_lens = prefix + commit_lens
         if on_publish is not None:
@@ -224,13 +286,53 @@ class DFlashWorker(sg.BaseSpecWorker):
             next_token_ids=acceptance.out_tokens.reshape(-1),
             accept_lens=commit_lens.to(torch.int32),
             new_seq_lens=new_seq_lens,
-            next_draft_input=DFlashDraftState(bonus_tokens=acceptance.bonus, new_seq_lens=new_seq_lens),
+            next_draft_input=self._state(bonus_tokens=acceptance.bonus, new_seq_lens=new_seq_lens),
             can_run_cuda_graph=can_run_graph,
-            speculative_num_draft_tokens=self.block_size,
+            speculative_num_draft_tokens=committed,
         )
 
-    def _verify(self, batch, tree: VerifyTree, plan: DraftAttnPlan):
-        """One TARGET_VERIFY forward over the tree's nodes, written to the block's slots."""
+    def _propose(self, batch, state, verify_len: int, sampled_rows, sampling) -> Proposal:
+        """Draft one block, or nothing when speculation is off (verify length 1)."""
+        bonus = state.bonus_tokens
+        if verify_len == 1:
+            return Proposal(tokens=bonus[:, None].long())
+        plan = DraftAttnPlan.from_req_to_token(
+            req_to_token=self.req_to_token_pool.req_to_token,
+            req_pool_indices=batch.req_pool_indices,
+            prefix_lens=batch.seq_lens,
+            block_size=self.block_size,
+            width=self._plan_width(batch, state),
+        )
+        uniforms = None
+        if sampled_rows is not None:
+            uniforms = torch.rand(sampled_rows.numel(), self.block_size - 1, device=self.device)
+        kwargs = dict(sampled_rows=sampled_rows, sampling=sampling, uniforms=uniforms)
+        if self.graphed is not None and self.graphed.bucket_for(bonus.shape[0]) is not None:
+            seq_lens_cpu = batch.seq_lens_cpu
+            kv_lens_cpu = None if seq_lens_cpu is None else seq_lens_cpu + self.block_size
+            proposal = self.graphed.propose(bonus, plan, kv_lens_cpu=kv_lens_cpu, **kwargs)
+        else:
+            proposal = self.proposer.propose(bonus, plan, **kwargs)
+        if verify_len < self.block_size and not self.options.tree:
+            proposal = proposal.truncated(verify_len)
+        return proposal
+
+    def _verify_slots(self, batch, n: int) -> torch.Tensor:
+        """[bs, n] KV slots of the verify nodes: the reserved slots after each prefix."""
+        cols = batch.seq_lens.long()[:, None] + torch.arange(n, device=self.device)
+        rows = self.req_to_token_pool.req_to_token[batch.req_pool_indices.long()]
+        return rows.gather(1, cols).long()
+
+    def _commit_tree_path(self, path: torch.Tensor, slots: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Move the accepted path's target KV to the committed slots (depth order) and
+        return the path's features in that order."""
+        depth_slots = slots[:, : path.shape[1]]
+        path_slots = slots.gather(1, path)
+        self.token_to_kv_pool_allocator.get_kvcache().move_kv_cache(depth_slots.reshape(-1), path_slots.reshape(-1))
+        return features.gather(1, path[:, :, None].expand(-1, -1, features.shape[-1]))
+
+    def _verify(self, batch, tree: VerifyTree, slots: torch.Tensor):
+        """One TARGET_VERIFY forward over the tree's nodes, written to ``slots``."""
         prefix = batch.seq_lens
         verify = BlockVerifyInput(
             draft_token=tree.tokens.reshape(-1),
@@ -239,7 +341,7 @@ class DFlashWorker(sg.BaseSpecWorker):
             custom_mask=None if tree.is_chain else tree.sglang_custom_mask(prefix),
         )
         batch.input_ids = verify.draft_token
-        batch.out_cache_loc = plan.block_slots
+        batch.out_cache_loc = slots.reshape(-1)
         batch.spec_info = verify
         batch.forward_mode = sg.ForwardMode.TARGET_VERIFY
         forward_batch = sg.ForwardBatch.init_new(
@@ -248,6 +350,21 @@ class DFlashWorker(sg.BaseSpecWorker):
         out = self.target_worker.forward_batch_generation(batch=None, forward_batch=forward_batch, is_verify=True)
         return out.logits_output, out.can_run_cuda_graph
 
+    # ------------------------------------------------------------------ feedback
+    def on_verify_complete_cpu(self, num_correct_drafts_per_req, batch_size: int = 0) -> None:
+        """SGLang hands back each decode step's accepted counts, in step order."""
+        if not self._pending_steps:
+            return
+        rids, verify_len = self._pending_steps.popleft()
+        if len(rids) != len(num_correct_drafts_per_req):
+            logger.warning("sglang-dflash: step feedback out of sync; dropping it")
+            self._pending_steps.clear()
+            return
+        self.policy.observe(rids, verify_len, num_correct_drafts_per_req, None)
+
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        self.policy.acceptance.forget([rid])
+
     def _plan_width(self, batch, state: DFlashDraftState) -> int:
         """A host-side bound on ``prefix + block`` over the batch (no device sync)."""
         if batch.seq_lens_cpu is not None:
@@ -255,7 +372,7 @@ class DFlashWorker(sg.BaseSpecWorker):
         return int(state.allocated_lens_cpu.max())
 
     def _idle(self, on_publish):
-        empty = DFlashDraftState.empty(self.device)
+        empty = DFlashDraftState.empty(self.device, verify_width=self.verify_width)
         if on_publish is not None:
             on_publish(empty.new_seq_lens)
         return sg.GenerationBatchResult(

@@ -78,7 +78,8 @@ ENGINE_SCRIPT = textwrap.dedent(
     def main():
         target, drafter, spec = sys.argv[1], sys.argv[2], sys.argv[3] == "spec"
         kwargs = dict(model_path=target, device="cpu", attention_backend="torch_native", disable_cuda_graph=True,
-                      mem_fraction_static=0.05, max_total_tokens=4096, dtype="float32", random_seed=0, log_level="error")
+                      mem_fraction_static=0.05, max_total_tokens=4096, dtype="float32", random_seed=0, log_level="error",
+                      sleep_on_idle=True)
         if spec:
             kwargs.update(speculative_algorithm="DFLASH", speculative_draft_model_path=drafter)
         llm = sgl.Engine(**kwargs)

@@ -23,9 +23,8 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 
 from ..draft_attention import DraftAttnPlan
-from ..proposer import BlockProposer, Proposal
-from ..rejection import sample_from
-from ..sampling import RowSampling, filtered_probs
+from ..proposer import BlockProposer, Proposal, make_proposal
+from ..sampling import RowSampling
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
@@ -172,12 +171,6 @@ class GraphedProposer:
     ) -> Proposal:
         """``BlockProposer.propose`` on the graphed step (same arguments and result)."""
         logits, drafts = self.draft(bonus, plan, kv_lens_cpu=kv_lens_cpu)
-        drafts = drafts.clone()
-        draft_probs = None
-        if sampled_rows is not None and sampled_rows.numel():
-            rows = logits[sampled_rows]
-            s, steps, vocab = rows.shape
-            draft_probs = filtered_probs(rows.reshape(s * steps, vocab), sampling.repeat_interleave(steps)).view(s, steps, vocab)
-            drafts[sampled_rows] = sample_from(draft_probs.reshape(s * steps, vocab), uniforms.reshape(-1)).view(s, steps)
-        tokens = torch.cat([bonus[:, None].long(), drafts], dim=1)
-        return Proposal(tokens=tokens, draft_probs=draft_probs, logits=logits)
+        return make_proposal(
+            bonus, logits, drafts.clone(), sampled_rows=sampled_rows, sampling=sampling, uniforms=uniforms
+        )

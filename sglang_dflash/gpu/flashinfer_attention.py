@@ -145,6 +145,10 @@ class FlashInferDraftAttention:
                 f"FlashInferDraftAttention needs the drafter KV cache on a CUDA device, not {cache.k.device}; "
                 "use TorchDraftAttention"
             )
+        if cache.k.dtype not in (torch.float16, torch.bfloat16):
+            raise FlashInferUnavailable(
+                f"FlashInferDraftAttention runs float16/bfloat16 caches, not {cache.k.dtype}; use TorchDraftAttention"
+            )
         self._flashinfer = _import_flashinfer()
         self.cache = cache
         self.config = config

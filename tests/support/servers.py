@@ -8,6 +8,7 @@ start costs ~20-30 s on the CPU lane, so servers are pooled per session by confi
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -33,7 +34,15 @@ BASE_ARGS = {
     "dtype": "float32",
     "random-seed": 0,
     "log-level": "warning",
+    # An idle CPU-lane scheduler otherwise busy-polls a whole core.
+    "sleep-on-idle": True,
 }
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server when the test process dies, even by SIGKILL, so an
+    interrupted run leaves no server spinning."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -72,7 +81,9 @@ class Server:
         cmd += cli_args({**BASE_ARGS, **self.options})
         env = {**os.environ, **CPU_ENV, **self.env}
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

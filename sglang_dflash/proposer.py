@@ -4,10 +4,11 @@ SGLang-agnostic on purpose: it takes tensors and callables (the target's embeddi
 lm_head), so it can be unit-tested against the reference and captured in a CUDA graph
 as a whole (embed, layers, lm_head, argmax / sample).
 
-Proposals are the drafter's argmax for greedy requests. For sampled requests they are
-drawn from the drafter's own distribution, filtered with the request's temperature /
-top-k / top-p / min-p exactly like the target's, and that distribution is returned so
-verification can use the full ``target / draft`` acceptance ratio (see ``rejection``).
+Proposals are the drafter's argmax for greedy requests. For sampled requests under the
+default ``pq`` rule they are drawn from the drafter's own distribution, filtered with
+the request's temperature / top-k / top-p / min-p exactly like the target's, and that
+distribution is returned so verification can use the full ``target / draft`` ratio
+(see ``rejection``); the ``target-only`` rule keeps the argmax.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from .draft_attention import DraftAttnPlan
 from .drafter import DFlashDrafter
 from .rejection import sample_from
-from .sampling import RowSampling, filtered_probs
+from .sampled_rows import PQ, SampledRows
+from .sampling import filtered_probs
 
 
 @dataclass
@@ -74,36 +76,21 @@ class BlockProposer:
         hidden = hidden.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
         return self.lm_head(hidden).view(bs, block - 1, -1)
 
-    def propose(
-        self,
-        bonus: torch.Tensor,
-        plan: DraftAttnPlan,
-        *,
-        sampled_rows: Optional[torch.Tensor] = None,
-        sampling: Optional[RowSampling] = None,
-        uniforms: Optional[torch.Tensor] = None,
-    ) -> Proposal:
+    def propose(self, bonus: torch.Tensor, plan: DraftAttnPlan, *, sampled: Optional[SampledRows] = None) -> Proposal:
         logits = self.draft_logits(bonus, plan)
-        return make_proposal(bonus, logits, logits.argmax(dim=-1), sampled_rows=sampled_rows, sampling=sampling, uniforms=uniforms)
+        return make_proposal(bonus, logits, logits.argmax(dim=-1), sampled)
 
 
-def make_proposal(
-    bonus: torch.Tensor,
-    logits: torch.Tensor,
-    drafts: torch.Tensor,
-    *,
-    sampled_rows: Optional[torch.Tensor] = None,
-    sampling: Optional[RowSampling] = None,
-    uniforms: Optional[torch.Tensor] = None,
-) -> Proposal:
-    """Greedy ``drafts`` for every row, then ``sampled_rows`` redrawn from the drafter's
-    filtered distribution (``sampling`` and ``uniforms`` [S, B-1] are per sampled row)."""
+def make_proposal(bonus: torch.Tensor, logits: torch.Tensor, drafts: torch.Tensor, sampled: Optional[SampledRows]) -> Proposal:
+    """Greedy ``drafts`` for every row; under the ``pq`` rule the sampled rows are
+    redrawn from the drafter's filtered distribution, which is kept for verification."""
     draft_probs = None
-    if sampled_rows is not None and sampled_rows.numel():
-        rows = logits[sampled_rows]
+    if sampled is not None and sampled.rule == PQ:
+        rows = logits[sampled.index]
         s, steps, vocab = rows.shape
-        draft_probs = filtered_probs(rows.reshape(s * steps, vocab), sampling.repeat_interleave(steps)).view(s, steps, vocab)
+        flat = filtered_probs(rows.reshape(s * steps, vocab), sampled.params.repeat_interleave(steps))
+        draft_probs = flat.view(s, steps, vocab)
         drafts = drafts.clone()
-        drafts[sampled_rows] = sample_from(draft_probs.reshape(s * steps, vocab), uniforms.reshape(-1)).view(s, steps)
+        drafts[sampled.index] = sample_from(flat, sampled.draft_uniforms()[:, :steps].reshape(-1)).view(s, steps)
     tokens = torch.cat([bonus[:, None].long(), drafts], dim=1)
     return Proposal(tokens=tokens, draft_probs=draft_probs, logits=logits)

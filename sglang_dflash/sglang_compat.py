@@ -138,7 +138,7 @@ def add_dflash_state(controller, state) -> None:
     if not scheduler.spec_algorithm.is_dflash():
         return
     worker = scheduler.draft_worker
-    info = worker.describe() if hasattr(worker, "describe") else {"backend": UPSTREAM}
+    info = worker.describe() if hasattr(worker, "describe") else {"backend": UPSTREAM, "stats": _upstream_stats()}
     info["kv_pool"] = {
         "max_total_num_tokens": int(scheduler.max_total_num_tokens),
         "available": int(scheduler.token_to_kv_pool_allocator.available_size()),
@@ -191,6 +191,16 @@ def install() -> None:
         around,
     )
     HookRegistry.register(f"{_HOOKS}.speculative.dflash_utils.validate_dflash_request", _validate_request_hook, around)
+    HookRegistry.register(
+        f"{_HOOKS}.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor._resolve_spec_v2_tokens",
+        _record_request_stats_hook,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        f"{_HOOKS}.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
+        _summarize_request_stats_hook,
+        HookType.AFTER,
+    )
     HookRegistry.register(f"{_HOOKS}.server_args.ServerArgs.add_cli_args", _add_cli_args_hook, HookType.AFTER)
     HookRegistry.register(f"{_HOOKS}.server_args.ServerArgs.from_cli_args", _from_cli_args_hook, HookType.BEFORE)
 
@@ -236,6 +246,22 @@ def _torch_native_forward_extend_hook(original, self, q, k, v, layer, forward_ba
 
 def _internal_state_hook(result, controller, state) -> None:
     add_dflash_state(controller, state)
+
+
+def _record_request_stats_hook(predict_tokens, processor, result, batch):
+    """After SGLang resolved a verify step's tokens (host side): record them per request."""
+    if batch.spec_algorithm.is_dflash():
+        from .request_stats import record_step
+
+        record_step(batch.reqs, predict_tokens)
+    return predict_tokens
+
+
+def _summarize_request_stats_hook(result, manager, meta_info, state, customized_info, index, finish_reason):
+    from .request_stats import POSITIONS, summarize
+
+    if finish_reason is not None and POSITIONS in meta_info:
+        meta_info.update(summarize(meta_info[POSITIONS]))
 
 
 def _add_cli_args_hook(result, parser) -> None:
@@ -413,6 +439,34 @@ def _register_upstream_cpu_lifts(registry, hook_type) -> None:
         _input_embeds_in_model_dtype,
         hook_type.AFTER,
     )
+    if os.environ.get(TIMING_ENV) == "1":
+        registry.register(f"{_HOOKS}.model_executor.model_runner.ModelRunner.forward", _time_runner_forward, hook_type.AROUND)
+
+
+# Benchmark-only (SGLANG_DFLASH_TIMING=1): upstream's draft and verify forwards, timed
+# on the host. Only meaningful where forwards are synchronous (the CPU lane).
+TIMING_ENV = "SGLANG_DFLASH_TIMING"
+_UPSTREAM_TIMES = {"draft": [0.0, 0], "verify": [0.0, 0]}
+
+
+def _time_runner_forward(original, self, forward_batch, *args, **kwargs):
+    kind = "draft" if self.is_draft_worker else "verify" if forward_batch.forward_mode.is_target_verify() else None
+    if kind is None:
+        return original(self, forward_batch, *args, **kwargs)
+    import time
+
+    start = time.perf_counter()
+    out = original(self, forward_batch, *args, **kwargs)
+    _UPSTREAM_TIMES[kind][0] += time.perf_counter() - start
+    _UPSTREAM_TIMES[kind][1] += 1
+    return out
+
+
+def _upstream_stats() -> dict:
+    return {
+        f"{kind}_ms_per_step": round(total / count * 1e3, 4) if count else None
+        for kind, (total, count) in _UPSTREAM_TIMES.items()
+    }
 
 
 def _upstream_handle_dflash_on_cpu(original, server_args):

@@ -2,56 +2,48 @@
 
 Greedy requests (SGLang encodes them as ``top_k == 1``) accept by exact argmax match,
 so their output is token-identical to plain greedy decoding. Sampled requests go
-through rejection sampling with the drafter's own distribution. Rows are split on the
-host (``greedy_rows`` is a Python list), so a mixed batch costs no device sync, and the
-[rows, N, V] probability tensors exist only for the sampled requests.
+through rejection sampling (see ``rejection``). The worker finds the sampled rows on
+the host, so a mixed batch costs no device sync, and the [rows, N, V] probability
+tensors exist only for the sampled requests.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from .acceptance import Acceptance, greedy_chain_acceptance
 from .proposer import Proposal
-from .rejection import chain_rejection_sample, sample_from
-from .sampling import RowSampling, filtered_probs
+from .rejection import chain_rejection_sample, one_hot_probs, sample_from
+from .sampled_rows import SampledRows
+from .sampling import filtered_probs
 
 
-def sampled_row_index(greedy_rows: Sequence[bool], device) -> Optional[torch.Tensor]:
-    rows = [i for i, greedy in enumerate(greedy_rows) if not greedy]
-    return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
-
-
-def verify_chain(
-    proposal: Proposal,
-    target_logits: torch.Tensor,
-    *,
-    sampled_rows: Optional[torch.Tensor],
-    sampling: Optional[RowSampling],
-    generator: Optional[torch.Generator] = None,
-) -> Acceptance:
-    """target_logits: [bs, N, V]; ``sampling`` holds the sampled rows' params."""
+def verify_chain(proposal: Proposal, target_logits: torch.Tensor, sampled: Optional[SampledRows]) -> Acceptance:
+    """target_logits: [bs, N, V] -> acceptance of every row (greedy rows by argmax match)."""
     result = greedy_chain_acceptance(proposal.tokens, target_logits.argmax(dim=-1))
-    if sampled_rows is None:
+    if sampled is None:
         return result
-    s, n = sampled_rows.numel(), proposal.tokens.shape[1]
+    rows = sampled.index
+    s, n = rows.numel(), proposal.tokens.shape[1]
     vocab = target_logits.shape[-1]
-    target_probs = filtered_probs(target_logits[sampled_rows].reshape(s * n, vocab), sampling.repeat_interleave(n))
-    device = target_logits.device
+    target_probs = filtered_probs(target_logits[rows].reshape(s * n, vocab), sampled.params.repeat_interleave(n))
     if n == 1:  # nothing drafted (speculation off): a plain sample from the target
-        result.bonus[sampled_rows] = sample_from(target_probs, torch.rand(s, device=device, generator=generator))
-        result.out_tokens[sampled_rows, 0] = result.bonus[sampled_rows]
+        result.bonus[rows] = sample_from(target_probs, sampled.residual_uniforms())
+        result.out_tokens[rows, 0] = result.bonus[rows]
         return result
-    sampled = chain_rejection_sample(
-        proposal.tokens[sampled_rows],
+    draft_probs = proposal.draft_probs
+    if draft_probs is None:  # target-only rule: the draft was a deterministic argmax
+        draft_probs = one_hot_probs(proposal.tokens[rows, 1:], vocab)
+    outcome = chain_rejection_sample(
+        proposal.tokens[rows],
         target_probs.view(s, n, vocab),
-        proposal.draft_probs,
-        torch.rand(s, n - 1, device=device, generator=generator),
-        torch.rand(s, device=device, generator=generator),
+        draft_probs,
+        sampled.accept_uniforms(n - 1),
+        sampled.residual_uniforms(),
     )
-    result.num_accepted[sampled_rows] = sampled.num_accepted
-    result.out_tokens[sampled_rows] = sampled.out_tokens
-    result.bonus[sampled_rows] = sampled.bonus
+    result.num_accepted[rows] = outcome.num_accepted
+    result.out_tokens[rows] = outcome.out_tokens
+    result.bonus[rows] = outcome.bonus
     return result

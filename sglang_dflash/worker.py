@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from . import sglang_compat as sg
 from .checkpoint import load_drafter
 from .config import DFlashConfig, DFlashConfigError, capture_points
+from .metrics import DFlashMetrics
 from .draft_attention import DraftAttnPlan, TorchDraftAttention
 from .draft_kv import DraftKVCache
 from .adaptive import VerifyLengthPolicy
@@ -40,7 +42,8 @@ from .step_clock import StepClock
 from .sampling import RowSampling
 from .spec_state import BlockVerifyInput, DFlashDraftState
 from .acceptance import greedy_tree_acceptance
-from .verification import sampled_row_index, verify_chain
+from .sampled_rows import SampledRows, request_uniforms
+from .verification import verify_chain
 from .verify_tree import VerifyTree, build_chain, build_topk_tree
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,12 @@ class DFlashWorker(sg.BaseSpecWorker):
         )
         self._pending_steps: deque = deque()
         self._clock = StepClock(self.policy.cost)
+        labels = {"model_name": server_args.served_model_name or server_args.model_path}
+        self.metrics = DFlashMetrics(
+            block_size=self.verify_width,
+            device=self.device,
+            prometheus_labels=labels if getattr(server_args, "enable_metrics", False) else None,
+        )
         self.kv: Optional[DraftKVCache] = None
         self.proposer: Optional[BlockProposer] = None
         self.graphed = None
@@ -211,10 +220,17 @@ class DFlashWorker(sg.BaseSpecWorker):
             },
             "block_size": self.block_size,
             "verify_width": self.verify_width,
-            "options": {"adaptive": self.options.adaptive, "verify_len": self.options.verify_len, "tree_topk": self.options.tree_topk},
+            "options": {
+                "adaptive": self.options.adaptive,
+                "verify_len": self.options.verify_len,
+                "tree_topk": self.options.tree_topk,
+                "sampling": self.options.sampling_rule,
+            },
             "acceptance_by_position": [round(float(a), 4) for a in self.policy.acceptance.global_alpha()],
             "drafter_attention": getattr(self.proposer.attention, "name", None) if self.proposer else None,
             "drafter_kv_bytes": self.kv.bytes() if self.kv is not None else 0,
+            "cuda_graph_batch_sizes": list(self.graphed.batch_sizes) if self.graphed is not None else [],
+            "stats": self.metrics.totals.as_dict(),
         }
 
     # ------------------------------------------------------------------ steps
@@ -251,25 +267,26 @@ class DFlashWorker(sg.BaseSpecWorker):
         state: DFlashDraftState = batch.spec_info
         prefix = batch.seq_lens
         rids = [r.rid for r in batch.reqs]
-        sampled_rows = sampled_row_index([r.sampling_params.top_k == 1 for r in batch.reqs], self.device)
-        sampling = None if sampled_rows is None else RowSampling.from_sglang(batch.sampling_info).select(sampled_rows)
-        use_tree = self.options.tree and sampled_rows is None
+        sampled = self._sampled_rows(batch)
+        use_tree = self.options.tree and sampled is None
         verify_len = self.verify_width if use_tree else self.policy.choose(rids)
         self._clock.decode_started(len(rids), verify_len)
-        proposal = self._propose(batch, state, verify_len, sampled_rows, sampling)
+        with self.metrics.phase("draft") if verify_len > 1 else nullcontext():
+            proposal = self._propose(batch, state, verify_len, sampled)
         if use_tree:
             top = proposal.logits.float().log_softmax(dim=-1).topk(self.options.tree_topk, dim=-1)
             tree = build_topk_tree(proposal.tokens, top.indices, top.values, verify_len)
         else:
             tree = build_chain(proposal.tokens)
         slots = self._verify_slots(batch, tree.num_nodes)
-        logits_output, can_run_graph = self._verify(batch, tree, slots)
+        with self.metrics.phase("verify"):
+            logits_output, can_run_graph = self._verify(batch, tree, slots)
         bs, n = tree.batch_size, tree.num_nodes
         target_logits = logits_output.next_token_logits.view(bs, n, -1)
         features = self._as_drafter_features(logits_output.hidden_states).view(bs, n, -1)
         logits_output.hidden_states = None
         if tree.is_chain:
-            acceptance = verify_chain(proposal, target_logits, sampled_rows=sampled_rows, sampling=sampling)
+            acceptance = verify_chain(proposal, target_logits, sampled)
         else:
             acceptance = greedy_tree_acceptance(tree.tokens, tree.parents, target_logits.argmax(dim=-1), self.block_size - 1)
             features = self._commit_tree_path(acceptance.path, slots, features)
@@ -291,7 +308,7 @@ class DFlashWorker(sg.BaseSpecWorker):
             speculative_num_draft_tokens=committed,
         )
 
-    def _propose(self, batch, state, verify_len: int, sampled_rows, sampling) -> Proposal:
+    def _propose(self, batch, state, verify_len: int, sampled: Optional[SampledRows]) -> Proposal:
         """Draft one block, or nothing when speculation is off (verify length 1)."""
         bonus = state.bonus_tokens
         if verify_len == 1:
@@ -303,19 +320,31 @@ class DFlashWorker(sg.BaseSpecWorker):
             block_size=self.block_size,
             width=self._plan_width(batch, state),
         )
-        uniforms = None
-        if sampled_rows is not None:
-            uniforms = torch.rand(sampled_rows.numel(), self.block_size - 1, device=self.device)
-        kwargs = dict(sampled_rows=sampled_rows, sampling=sampling, uniforms=uniforms)
         if self.graphed is not None and self.graphed.bucket_for(bonus.shape[0]) is not None:
             seq_lens_cpu = batch.seq_lens_cpu
             kv_lens_cpu = None if seq_lens_cpu is None else seq_lens_cpu + self.block_size
-            proposal = self.graphed.propose(bonus, plan, kv_lens_cpu=kv_lens_cpu, **kwargs)
+            proposal = self.graphed.propose(bonus, plan, sampled=sampled, kv_lens_cpu=kv_lens_cpu)
         else:
-            proposal = self.proposer.propose(bonus, plan, **kwargs)
+            proposal = self.proposer.propose(bonus, plan, sampled=sampled)
         if verify_len < self.block_size and not self.options.tree:
             proposal = proposal.truncated(verify_len)
         return proposal
+
+    def _sampled_rows(self, batch) -> Optional[SampledRows]:
+        """The batch's sampled requests (SGLang encodes greedy as top_k == 1)."""
+        rows = [i for i, req in enumerate(batch.reqs) if req.sampling_params.top_k != 1]
+        if not rows:
+            return None
+        reqs = [batch.reqs[i] for i in rows]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        uniforms = request_uniforms(
+            [r.sampling_params.sampling_seed for r in reqs],
+            [r.decode_batch_idx for r in reqs],
+            2 * self.block_size - 1,
+            self.device,
+        )
+        params = RowSampling.from_sglang(batch.sampling_info).select(index)
+        return SampledRows(index=index, params=params, uniforms=uniforms, rule=self.options.sampling_rule)
 
     def _verify_slots(self, batch, n: int) -> torch.Tensor:
         """[bs, n] KV slots of the verify nodes: the reserved slots after each prefix."""
@@ -361,6 +390,7 @@ class DFlashWorker(sg.BaseSpecWorker):
             self._pending_steps.clear()
             return
         self.policy.observe(rids, verify_len, num_correct_drafts_per_req, None)
+        self.metrics.observe_step(verify_len, num_correct_drafts_per_req)
 
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
         self.policy.acceptance.forget([rid])

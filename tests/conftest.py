@@ -35,7 +35,9 @@ def tiny_drafter(models_dir, tiny_target) -> Path:
     path, accepts almost nothing."""
     from sglang_dflash.devmodels.tiny import build_random_drafter
 
-    return build_random_drafter(models_dir / "tiny-drafter", target=tiny_target, num_layers=2, block_size=8)
+    return build_random_drafter(
+        models_dir / "tiny-drafter", target=tiny_target, num_layers=2, block_size=8, target_layer_ids=[1, 2]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +57,7 @@ def smollm2_random_drafter(models_dir, smollm2) -> Path:
 
 @pytest.fixture(scope="session")
 def servers():
-    from tests.support.servers import ServerPool
+    from sglang_dflash.local_server import ServerPool
 
     pool = ServerPool(capacity=3)
     yield pool

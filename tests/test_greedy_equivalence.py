@@ -96,3 +96,52 @@ def test_tiny_qwen3_matrix(servers, tiny_target, models_dir, block, page, batch)
 def test_smollm2_matrix(servers, smollm2, smollm2_random_drafter, block, page, batch):
     prompts = text_prompts(N_PROMPTS, seed=block + page)
     check(servers, smollm2, smollm2_random_drafter, prompts, block=block, page=page, batch=batch)
+
+
+MODES = {
+    "tree": {"speculative-dflash-tree-topk": 2, "speculative-dflash-block-size": 8, "speculative-num-draft-tokens": 16},
+    "fixed-verify-len": {"speculative-dflash-verify-len": 3},
+    "adaptive-off": {"no-speculative-dflash-adaptive": True},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_modes_stay_lossless(servers, tiny_target, tiny_drafter, mode):
+    """Our own flags reach the worker through SGLang's CLI, and every verify mode
+    (top-k tree, fixed length, adaptive off) keeps greedy output exact."""
+    extra = MODES[mode]
+    options = {**spec_options(tiny_target, tiny_drafter, block=8, page=1, chunk=16), **extra}
+    if "speculative-num-draft-tokens" not in extra:
+        options["speculative-num-draft-tokens"] = 8
+    spec = servers.get(options)
+    state = spec.dflash_state()
+    expected = {
+        "tree": {"tree_topk": 2, "adaptive": True, "verify_len": None, "sampling": "pq"},
+        "fixed-verify-len": {"tree_topk": 1, "adaptive": True, "verify_len": 3, "sampling": "pq"},
+        "adaptive-off": {"tree_topk": 1, "adaptive": False, "verify_len": None, "sampling": "pq"},
+    }[mode]
+    assert state["options"] == expected
+    assert state["verify_width"] == (16 if mode == "tree" else 8) and state["block_size"] == 8
+    plain = servers.get(plain_options(tiny_target, page=1, chunk=16))
+    prompts = token_prompts(24, vocab_size=512, seed=7)
+    params = [request_params(i) for i in range(len(prompts))]
+    start = pool_baseline(spec)
+    assert_same_tokens(run(spec, prompts, params, batch=8), run(plain, prompts, params, batch=8), prompts)
+    assert_pool_drained(spec, start)
+
+
+@pytest.mark.parametrize("layer_ids", [[1, 1], [2, 0, 1]])
+def test_repeated_and_unsorted_layer_ids(servers, tiny_target, models_dir, layer_ids):
+    """SGLang captures each layer once, in layer order; DFlash concatenates features in
+    the listed order, repeats included (the default rule gives [1, 1] for small
+    targets). Ours reorders them; SGLang 0.5.23's own DFLASH crashes on [1, 1]."""
+    from sglang_dflash.devmodels.tiny import build_random_drafter
+
+    drafter = models_dir / f"tiny-drafter-ids-{'-'.join(map(str, layer_ids))}"
+    if not drafter.exists():
+        build_random_drafter(drafter, target=tiny_target, num_layers=1, block_size=4, target_layer_ids=layer_ids)
+    spec = servers.get(spec_options(tiny_target, drafter, block=4, page=1, chunk=16))
+    plain = servers.get(plain_options(tiny_target, page=1, chunk=16))
+    prompts = token_prompts(8, vocab_size=512, seed=3)
+    params = [request_params(i) for i in range(8)]
+    assert_same_tokens(run(spec, prompts, params, batch=8), run(plain, prompts, params, batch=8), prompts)

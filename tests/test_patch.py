@@ -39,7 +39,7 @@ def test_patch_is_regenerated_from_current_hooks():
 def test_patched_sglang_without_plugin(tmp_path, tiny_target, tiny_drafter):
     """A patched copy of SGLang, with the entry-point plugin switched off, serves DFLASH
     with our worker and matches plain decoding."""
-    from tests.support.servers import Server
+    from sglang_dflash.local_server import Server
 
     site = tmp_path / "site"
     shutil.copytree(site_packages() / "sglang", site / "sglang", ignore=shutil.ignore_patterns("__pycache__"))

@@ -19,7 +19,7 @@ import requests
 
 from sglang_dflash.cpu_lane import CPU_ENV
 from tests.support.prompts import token_prompts
-from tests.support.servers import BASE_ARGS, cli_args
+from sglang_dflash.local_server import CPU_ARGS, cli_args
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 24}
 
@@ -116,7 +116,7 @@ def test_programmatic_engine(tmp_path, tiny_target, tiny_drafter):
 
 def launch_fails(options: dict, env: dict | None = None) -> str:
     """Run launch_server with bad options; it must exit quickly, naming the problem."""
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--port", "1", *cli_args({**BASE_ARGS, **options})]
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--port", "1", *cli_args({**CPU_ARGS, **options})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **CPU_ENV, **(env or {})})
     assert proc.returncode != 0
     return proc.stdout + proc.stderr

@@ -28,7 +28,8 @@ from sglang_dflash.acceptance import Acceptance, greedy_chain_acceptance
 from sglang_dflash.proposer import Proposal
 from sglang_dflash.rejection import chain_rejection_sample, one_hot_probs, sample_from
 from sglang_dflash.sampling import RowSampling, filtered_probs
-from sglang_dflash.verification import sampled_row_index, verify_chain
+from sglang_dflash.sampled_rows import SampledRows
+from sglang_dflash.verification import verify_chain
 from tests.support.reference_spec import chi_square_gof
 
 V = 32
@@ -332,14 +333,13 @@ def test_first_node_acceptance_rate_matches_theory():
 
 
 def test_verify_chain_mixed_batch_routes_rows():
-    """Greedy rows take the argmax path, sampled rows the rejection path with the
-    generator's uniforms (accept tests first, then the residual draws)."""
+    """Greedy rows take the argmax path, sampled rows the rejection path with their
+    own uniforms (the accept-test columns, then the residual column)."""
     gen = torch.Generator().manual_seed(11)
     bs, n = 5, 4
     greedy_rows = [True, False, True, False, False]
     logits = torch.randn(bs, n, V, generator=gen) * 3
-    sampled = sampled_row_index(greedy_rows, "cpu")
-    assert sampled.tolist() == [1, 3, 4]
+    sampled = torch.tensor([i for i, g in enumerate(greedy_rows) if not g])
     sampling = RowSampling(
         temperature=torch.tensor([0.7, 1.0, 1.3]),
         top_k=torch.tensor([TOP_K_ALL, 5, TOP_K_ALL]),
@@ -352,7 +352,9 @@ def test_verify_chain_mixed_batch_routes_rows():
     tokens[1:, 1] = logits[1:, 0].argmax(-1)  # likely first acceptances elsewhere
     proposal = Proposal(tokens=tokens, draft_probs=draft_probs)
 
-    result = verify_chain(proposal, logits, sampled_rows=sampled, sampling=sampling, generator=torch.Generator().manual_seed(99))
+    replay = torch.Generator().manual_seed(99)
+    uniforms = torch.rand(3, 2 * n - 1, generator=replay)  # B = n here: n-1 draft, n-1 accept, 1 residual
+    result = verify_chain(proposal, logits, SampledRows(index=sampled, params=sampling, uniforms=uniforms))
 
     greedy = greedy_chain_acceptance(tokens, logits.argmax(-1))
     for r in (0, 2):
@@ -361,9 +363,8 @@ def test_verify_chain_mixed_batch_routes_rows():
         assert int(result.bonus[r]) == int(greedy.bonus[r])
     assert int(result.num_accepted[0]) == n - 1
 
-    replay = torch.Generator().manual_seed(99)
     target = filtered_probs(logits[sampled].reshape(-1, V), sampling.repeat_interleave(n)).view(3, n, V)
-    expected = chain_rejection_sample(tokens[sampled], target, draft_probs, torch.rand(3, n - 1, generator=replay), torch.rand(3, generator=replay))
+    expected = chain_rejection_sample(tokens[sampled], target, draft_probs, uniforms[:, n - 1 : 2 * n - 2], uniforms[:, -1])
     assert torch.equal(result.num_accepted[sampled], expected.num_accepted)
     assert torch.equal(result.out_tokens[sampled], expected.out_tokens)
     assert torch.equal(result.bonus[sampled], expected.bonus)

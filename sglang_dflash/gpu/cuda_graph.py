@@ -24,7 +24,7 @@ import torch
 
 from ..draft_attention import DraftAttnPlan
 from ..proposer import BlockProposer, Proposal, make_proposal
-from ..sampling import RowSampling
+from ..sampled_rows import SampledRows
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
@@ -164,13 +164,9 @@ class GraphedProposer:
         bonus: torch.Tensor,
         plan: DraftAttnPlan,
         *,
-        sampled_rows: Optional[torch.Tensor] = None,
-        sampling: Optional[RowSampling] = None,
-        uniforms: Optional[torch.Tensor] = None,
+        sampled: Optional[SampledRows] = None,
         kv_lens_cpu: Optional[torch.Tensor] = None,
     ) -> Proposal:
         """``BlockProposer.propose`` on the graphed step (same arguments and result)."""
         logits, drafts = self.draft(bonus, plan, kv_lens_cpu=kv_lens_cpu)
-        return make_proposal(
-            bonus, logits, drafts.clone(), sampled_rows=sampled_rows, sampling=sampling, uniforms=uniforms
-        )
+        return make_proposal(bonus, logits, drafts.clone(), sampled)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sglang_dflash.proposer import BlockProposer
+from sglang_dflash.sampled_rows import SampledRows
 from sglang_dflash.sampling import RowSampling
 from tests.test_gpu_imports import MASK_CONFIGS, drafter_config, random_cache, random_drafter, random_plan
 
@@ -101,9 +102,9 @@ def test_sampled_rows_use_the_graphed_logits():
         top_p=torch.ones(2, device="cuda"),
         min_p=torch.zeros(2, device="cuda"),
     )
-    uniforms = torch.rand(2, config.block_size - 1, device="cuda")
+    sampled = SampledRows(index=rows, params=sampling, uniforms=torch.rand(2, 2 * config.block_size - 1, device="cuda"))
     with torch.inference_mode():
-        expected = proposer.propose(bonus, plan, sampled_rows=rows, sampling=sampling, uniforms=uniforms)
-        actual = graphed.propose(bonus, plan, sampled_rows=rows, sampling=sampling, uniforms=uniforms)
+        expected = proposer.propose(bonus, plan, sampled=sampled)
+        actual = graphed.propose(bonus, plan, sampled=sampled)
     torch.testing.assert_close(actual.draft_probs, expected.draft_probs, rtol=5e-2, atol=1e-3)
     assert actual.tokens.shape == expected.tokens.shape

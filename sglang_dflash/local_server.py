@@ -1,9 +1,9 @@
-"""Real SGLang servers for tests, one subprocess per configuration.
+"""Local SGLang servers as subprocesses, for tests and benchmarks.
 
 SGLang keeps process-global runtime state, so two ``sglang.Engine`` objects cannot live
 in one process; a ``launch_server`` subprocess per configuration isolates them, lets
-several stay warm across tests, and exercises the real HTTP path users run. A server
-start costs ~20-30 s on the CPU lane, so servers are pooled per session by config.
+several stay warm at once, and exercises the real HTTP path users run. The defaults
+are the CPU lane's (``CPU_ARGS``); pass ``base_args={}`` for a GPU machine.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import requests
 
-from sglang_dflash.cpu_lane import CPU_ENV
+from .cpu_lane import CPU_ENV
 
-BASE_ARGS = {
+CPU_ARGS = {
     "device": "cpu",
     "attention-backend": "torch_native",
     "disable-cuda-graph": True,
@@ -66,6 +66,7 @@ def cli_args(options: dict[str, Any]) -> list[str]:
 class Server:
     options: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    base_args: dict[str, Any] = field(default_factory=lambda: dict(CPU_ARGS))
     port: int = 0
     proc: Optional[subprocess.Popen] = None
     log_path: Optional[Path] = None
@@ -78,8 +79,8 @@ class Server:
         self.port = free_port()
         self.log_path = Path(tempfile.mkstemp(prefix="sglang-server-", suffix=".log")[1])
         cmd = [sys.executable, "-m", "sglang.launch_server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += cli_args({**BASE_ARGS, **self.options})
-        env = {**os.environ, **CPU_ENV, **self.env}
+        cmd += cli_args({**self.base_args, **self.options})
+        env = {**os.environ, **(CPU_ENV if self.base_args.get("device") == "cpu" else {}), **self.env}
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent

@@ -1,0 +1,262 @@
+"""The GPU-lane bundle (bench/gpu/build_bundle.sh) and its helpers, checked on CPU.
+
+The bundle targets the lent GPU machine's image: CPython 3.12, torch 2.11.0+cu130,
+no network. Neither that Python nor that torch can be had here (pip cannot resolve a
+cp312 CPU build of torch 2.11 for this machine, and the CUDA build does not import
+without a GPU), so the slow tests use the best approximation there is: the unpacked
+bundle imported by *this* interpreter with this CPU torch, in a fresh ``python -S``
+that sees only the bundle plus the packages the image has (``bundle_check``), with
+this environment's same-version builds of the bundle's cp312 extension modules placed
+beside them, the CPU lane's torchvision stand-in for the image's torchvision, and
+``torch.cuda`` faking an H100 so SGLang's CUDA-only import branches run. What this
+cannot show: that the cp312/torch-2.11 binaries load on the device, and anything at
+run time (JIT builds, CUDA graphs); ``bench/gpu/run_all.sh`` does that on the GPU.
+
+The bundle is built once and cached under ``.cache/gpu-bundle/`` (rebuilt when the
+build script, its requirements or the sgl_kernel stand-in change; ~2 min of downloads
+the first time, then 5-10 min of xz on two cores). ``GPU_BUNDLE=path`` checks a given
+bundle instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GPU = REPO / "bench" / "gpu"
+CACHE = REPO / ".cache" / "gpu-bundle"
+LIMIT_MIB = 56
+sys.path.insert(0, str(GPU))
+
+import bundle_check  # noqa: E402
+import gpu_bench  # noqa: E402
+
+
+def _inputs_fingerprint() -> str:
+    files = [GPU / "build_bundle.sh", GPU / "requirements-bundle.txt"]
+    files += sorted((GPU / "sgl_kernel_standin").rglob("*.py"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    given = os.environ.get("GPU_BUNDLE")
+    if given:
+        return Path(given)
+    path = CACHE / "test-bundle.tar.xz"
+    stamp = path.with_name(path.name + ".inputs")
+    want = _inputs_fingerprint()
+    if path.is_file() and stamp.is_file() and stamp.read_text() == want:
+        return path
+    env = {**os.environ, "BUNDLE_CACHE": str(CACHE), "SGL_KERNEL_ROUTE": "standin"}
+    proc = subprocess.run(["bash", str(GPU / "build_bundle.sh"), str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, f"build_bundle.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    stamp.write_text(want)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unpacked(bundle, tmp_path_factory) -> Path:
+    return bundle_check.unpack(bundle, tmp_path_factory.mktemp("gpu-bundle") / "bundle")
+
+
+def _requirements() -> dict[str, str]:
+    pins = {}
+    for line in (GPU / "requirements-bundle.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[bundle_check._norm(name)] = version.strip()
+    return pins
+
+
+# ------------------------------------------------------------------------------- bundle
+@pytest.mark.slow
+def test_bundle_fits_one_transfer(bundle):
+    size = bundle.stat().st_size
+    assert size <= LIMIT_MIB * 2**20, f"bundle is {size / 2**20:.1f} MiB, over {LIMIT_MIB} MiB"
+
+
+@pytest.mark.slow
+def test_bundle_manifest_and_pins(unpacked):
+    manifest = bundle_check.manifest(unpacked)
+    assert manifest["sglang"] == "0.5.23"
+    assert manifest["sgl_kernel_route"] in ("standin", "real")
+    assert manifest["target"]["python"] == "3.12"
+    dists = {bundle_check._norm(k): v for k, v in manifest["distributions"].items()}
+    wrong = {n: (v, dists.get(n)) for n, v in _requirements().items() if dists.get(n) != v}
+    assert not wrong, f"bundle versions differ from requirements-bundle.txt: {wrong}"
+    assert dists["sglang-dflash"] == importlib.import_module("sglang_dflash").__version__
+
+
+@pytest.mark.slow
+def test_bundle_holds_the_server_path_files(unpacked):
+    site = unpacked / "site"
+    must = [
+        "sglang/launch_server.py",
+        "sglang/srt/layers/attention/flashinfer_backend.py",
+        "sglang/srt/speculative/dflash_worker_v2.py",
+        "flashinfer/data/include/flashinfer/attention/prefill.cuh",
+        "flashinfer/data/csrc/batch_prefill.cu",
+        "flashinfer/data/csrc/batch_decode.cu",
+        "flashinfer/data/csrc/norm.cu",
+        "flashinfer/data/cutlass/include/cute/tensor.hpp",
+        "tvm_ffi/lib/libtvm_ffi.so",
+        "sglang_dflash/worker.py",
+        "IPython/display.py",
+    ]
+    missing = [m for m in must if not (site / m).exists()]
+    assert not missing, f"bundle lacks {missing}"
+    assert (unpacked / "standin" / "sgl_kernel" / "__init__.py").is_file()
+    entry = next(site.glob("sglang_dflash-*.dist-info")) / "entry_points.txt"
+    assert "dflash = sglang_dflash.plugin:register" in entry.read_text()
+    # what must never travel: FA3's 1 GB library, and binaries built against torch 2.14
+    assert not list(site.rglob("flash_ops*.so"))
+    assert not list((site / "sglang").rglob("*.so")), "SGLang's Rust extensions link torch 2.14; they stay out"
+
+
+@pytest.mark.slow
+def test_bundle_imports_the_server_path(bundle, tmp_path):
+    result = bundle_check.check(bundle, work=tmp_path, extras_cache=CACHE / "image-extra")
+    bad = {k: v for k, v in result["imports"].items() if v != "ok"}
+    assert not bad, "server path imports failed:\n" + "\n\n".join(f"{k}: {v}" for k, v in bad.items())
+    where = result["where"]
+    root = str(tmp_path / "bundle")
+    for name in ("sglang", "transformers", "flashinfer", "xgrammar", "sgl_kernel", "sglang_dflash"):
+        assert where[name] and where[name][0].startswith(root), f"{name} came from {where[name]}, not the bundle"
+    assert where["transformers"][1] == "5.19.0"  # shadows the image's 5.17.0
+    assert where["flashinfer"][1] == "0.7.2"
+    if result["manifest"]["sgl_kernel_route"] == "standin":
+        assert "/standin/" in where["sgl_kernel"][0]
+
+
+def _python312():
+    found = shutil.which("python3.12")
+    if found:
+        return found
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
+        hits = sorted(glob.glob(os.path.join(root, "versions", "3.12*", "bin", "python3.12")))
+        if hits:
+            return hits[-1]
+    return None
+
+
+@pytest.mark.slow
+def test_bundle_cp312_extensions_load_in_python312(unpacked):
+    """The bundle's own cp312 binaries, in a real CPython 3.12 (no torch needed)."""
+    python = _python312()
+    if python is None:
+        pytest.skip("no CPython 3.12 on this machine")
+    modules = ["pydantic_core._pydantic_core", "orjson", "msgspec", "zmq", "setproctitle", "pybase64",
+               "zstandard", "rpds", "jiter", "tvm_ffi", "cffi", "watchfiles", "llguidance", "Cryptodome.Cipher.AES"]
+    code = ("import importlib, json, sys\nsys.path.insert(0, sys.argv[1])\nbad = {}\n"
+            "for m in sys.argv[2:]:\n    try:\n        importlib.import_module(m)\n"
+            "    except Exception as e:\n        bad[m] = repr(e)\nprint(json.dumps(bad))")
+    proc = subprocess.run([python, "-S", "-c", code, str(unpacked / "site"), *modules],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bad = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not bad, f"cp312 extension modules failed to load: {bad}"
+
+
+# ----------------------------------------------------------------- sgl_kernel stand-in
+def _standin():
+    path = str(GPU / "sgl_kernel_standin")
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import sgl_kernel; print(sgl_kernel.__file__)"
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return path
+
+
+def test_standin_ops_match_their_definitions():
+    """CPU: the torch versions of the real ops; stubs raise naming themselves."""
+    path = _standin()
+    code = r"""
+import sys; sys.path.insert(0, sys.argv[1])
+import torch, sgl_kernel
+from sgl_kernel import rmsnorm, fused_add_rmsnorm, gemma_rmsnorm, gemma_fused_add_rmsnorm, silu_and_mul
+from sgl_kernel.scalar_type import scalar_types
+torch.manual_seed(0)
+x, w = torch.randn(5, 64), torch.rand(64)
+ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+assert torch.allclose(rmsnorm(x, w), ref, atol=1e-5)
+assert torch.allclose(gemma_rmsnorm(x, w), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w), atol=1e-5)
+out = torch.empty_like(x); rmsnorm(x, w, out=out); assert torch.allclose(out, ref, atol=1e-5)
+inp, res = torch.randn(5, 64), torch.randn(5, 64)
+total = inp + res
+fused_add_rmsnorm(inp, res, w)
+assert torch.allclose(res, total) and torch.allclose(inp, total / torch.sqrt(total.pow(2).mean(-1, keepdim=True) + 1e-6) * w, atol=1e-5)
+g = torch.randn(3, 2 * 16)
+assert torch.allclose(silu_and_mul(g), torch.nn.functional.silu(g[:, :16]) * g[:, 16:], atol=1e-6)
+assert str(scalar_types.uint4b8) == "uint4b8" and scalar_types.uint8b128.size_bits == 8
+assert sgl_kernel.is_fa3_supported() is False
+for name in ("transfer_kv_all_layer", "top_k_renorm_prob", "verify_tree_greedy_cpu"):
+    try:
+        getattr(sgl_kernel, name)()
+    except NotImplementedError as exc:
+        assert name in str(exc)
+    else:
+        raise AssertionError(name + " did not raise")
+from sgl_kernel.kvcacheio import transfer_embedding_ranges_direct
+from sgl_kernel.quantization.gguf import ggml_dequantize
+from sgl_kernel.speculative import reconstruct_indices_from_tree_mask
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# -------------------------------------------------------------------------- gpu_bench
+def test_report_derives_tokens_per_second(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+
+    def serve(mode, step, tau, ids):
+        points = [{"concurrency": c, "requests": 2 * c, "wall_s": 1.0, "output_tokens": 100, "tokens_per_s": 100.0,
+                   "accept_length": tau, "step_ms_median": step, "latency_s_median": 1.0} for c in (1, 8, 32)]
+        gpu_bench.write_json(results / f"serve_{mode}.json", {
+            "ok": True, "mode": mode, "startup_s": 60, "throughput": points, "peak_gpu_mem_mib": 70000,
+            "server_info": {"max_total_num_tokens": 100000}, "greedy_output_ids": ids, "errors": []})
+
+    ref = [[1, 2, 3], [4, 5, 6]]
+    serve("nospec", 10.0, 1.0, ref)
+    serve("ours", 20.0, 1.0, [[1, 2, 3], [4, 9, 6]])
+    serve("upstream", 25.0, 1.0, ref)
+    gpu_bench.write_json(results / "micro.json", {"ok": True, "verify_shaped": [
+        {"batch": 1, "verify_len": 16, "eager_ms": 9.0, "graph_ms": 6.0}], "drafter_step": [
+        {"batch": 1, "eager_ms": 3.0, "graph_ms": 1.0}]})
+    assert gpu_bench.main(["report", "--results", str(results), "--out", str(out)]) == 0
+    md = (out / "gpu_results.md").read_text()
+    summary = json.loads((out / "gpu_results.json").read_text())
+    ours_c8 = next(r for r in summary["derived"] if r["mode"] == "ours" and r["concurrency"] == 8)
+    assert ours_c8["tps_tau_6.5"] == pytest.approx(8 * 6.5 / 0.020, rel=1e-3)
+    assert ours_c8["speedup_tau_6.5"] == pytest.approx((8 * 6.5 / 0.020) / (8 / 0.010), rel=1e-2)
+    assert summary["greedy"]["ours"]["exact"] == 1 and summary["greedy"]["ours"]["first_divergences"] == [1]
+    assert summary["greedy"]["upstream"]["exact"] == 2
+    assert "| ours | 60 | 8 |" in md and "Greedy equality" in md
+
+
+def test_models_config_is_a_valid_8b_drafter(tmp_path):
+    from sglang_dflash.config import DFlashConfig
+
+    config = DFlashConfig.from_dict(gpu_bench.DRAFTER_8B)
+    config.validate_target(hidden_size=4096, vocab_size=151936, num_layers=36)
+    assert config.capture_points() == [2, 10, 18, 26, 34]
+    assert config.block_size == 16 and config.mask_token_id == 151669 and config.num_layers == 5

@@ -25,6 +25,23 @@ INDEX_NAME = "model.safetensors.index.json"
 _IGNORED_PREFIXES = ("embed_tokens.", "lm_head.", "rotary_emb.")
 
 
+def locate(path: str | Path, *, revision: Optional[str] = None, weights: bool = True) -> Path:
+    """A local checkpoint folder for ``path``: the folder itself, or a hub repo id
+    downloaded (or found in the cache; HF_HUB_OFFLINE is honoured) by huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise DFlashConfigError(f"DFlash drafter path {str(path)!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors"] if weights else ["config.json"]
+    try:
+        return Path(snapshot_download(str(path), revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, no access: one line saying which
+        raise DFlashConfigError(f"cannot fetch DFlash drafter {str(path)!r} from the hub: {type(exc).__name__}: {exc}") from None
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / INDEX_NAME
     if index.is_file():
@@ -78,6 +95,7 @@ def load_drafter(
     config: Optional[DFlashConfig] = None,
 ) -> DFlashDrafter:
     """Build a drafter from a checkpoint folder, cast to ``dtype`` on ``device``."""
+    path = locate(path)
     config = config or DFlashConfig.from_pretrained(path, target_num_layers=target_num_layers)
     state = read_state_dict(path)
     if "fc.weight" in state:

@@ -166,7 +166,10 @@ class DFlashConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, target_num_layers: Optional[int] = None) -> "DFlashConfig":
-        config_path = Path(path) / "config.json"
+        """From a local folder or a hub repo id (see ``checkpoint.locate``)."""
+        from .checkpoint import locate
+
+        config_path = locate(path, weights=False) / "config.json"
         if not config_path.is_file():
             raise DFlashConfigError(f"DFlash drafter path {str(path)!r} has no config.json")
         try:

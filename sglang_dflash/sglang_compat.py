@@ -186,6 +186,11 @@ def install() -> None:
         return
     HookRegistry.register(f"{_HOOKS}.arg_groups.speculative_hook._handle_dflash", _handle_dflash_hook, around)
     HookRegistry.register(
+        f"{_HOOKS}.arg_groups.speculative_hook._resolve_speculative_algorithm_alias",
+        _check_drafter_first,
+        HookType.BEFORE,
+    )
+    HookRegistry.register(
         f"{_HOOKS}.model_executor.model_runner_components.spec_aux_hidden_state._resolve_dflash_aux_hidden_state",
         _resolve_aux_hook,
         around,
@@ -220,6 +225,15 @@ def _register_refusal(registry, hook_type, message: str) -> None:
 def _create_worker_hook(original, self, server_args):
     worker = dflash_worker_class() if self.is_dflash() else None
     return worker if worker is not None else original(self, server_args)
+
+
+def _check_drafter_first(speculative_algorithm, speculative_draft_model_path, *args, **kwargs):
+    """SGLang reads the draft config through transformers before any DFLASH handling;
+    parse it ourselves first, so a bad drafter fails with our one-line reason."""
+    if (speculative_algorithm or "").upper() == "DFLASH" and speculative_draft_model_path:
+        from .config import DFlashConfig
+
+        DFlashConfig.from_pretrained(speculative_draft_model_path)
 
 
 def _handle_dflash_hook(original, server_args):

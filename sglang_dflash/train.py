@@ -83,6 +83,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     mask_token_id: int = -1
     num_train_tokens: int = 0
+    data_from_cache: bool = False
 
 
 # ----------------------------------------------------------------------------- setup
@@ -192,11 +193,25 @@ def loss_vocabulary(data: SequenceSet, vocab_size: int) -> tuple[torch.Tensor, t
 
 
 # ----------------------------------------------------------------------------- stages
-def prepare_data(args: TrainArgs, target, tokenizer, train_prompts: list[str], layer_ids: Sequence[int]) -> SequenceSet:
+class _Clock:
+    """Wall and process-CPU seconds per stage (CPU time is what contention cannot inflate)."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str, timings: dict[str, float]) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        timings[f"{name}_wall_s"], timings[f"{name}_cpu_s"] = wall - self.wall, cpu - self.cpu
+        self.wall, self.cpu = wall, cpu
+
+
+def prepare_data(args: TrainArgs, target, tokenizer, train_prompts: list[str],
+                 layer_ids: Sequence[int]) -> tuple[SequenceSet, bool]:
+    """(data, from_cache); ``args.cache_dir`` empty disables the cache."""
     encoded = [encode_prompt(tokenizer, p) for p in train_prompts]
     key = cache_key(args.target, encoded, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     seed=args.seed, version=1)
-    path = Path(args.cache_dir) / f"data-{Path(args.target).name}-{key}.safetensors"
+    path = Path(args.cache_dir) / f"data-{Path(args.target).name}-{key}.safetensors" if args.cache_dir else None
 
     def build(layers):
         return build_sequences(target, tokenizer, train_prompts, layer_ids=layers, max_new_tokens=args.max_new_tokens,
@@ -240,9 +255,9 @@ def run_training(args: TrainArgs, drafter: DFlashDrafter, target, data: Sequence
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), args.grad_clip)
         optimizer.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         acc = out.correct / out.counts.clamp_min(1)
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", acc1=f"{acc[0]:.2f}")
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", acc1=f"{acc[0]:.2f}", refresh=False)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             stats = eval_fn(drafter, args.eval_prompts)
             evals.append({"step": step + 1, "tau": stats.tau})
@@ -261,9 +276,9 @@ def train(args: TrainArgs) -> TrainResult:
     layer_ids = args.target_layer_ids or list(default_target_layer_ids(target.config.num_hidden_layers, args.layers))
     train_prompts, heldout = split_prompts(build_prompts(args.num_prompts + args.num_heldout, args.prompt_seed),
                                            args.num_heldout)
-    tic = time.perf_counter()
-    data = prepare_data(args, target, tokenizer, train_prompts, layer_ids)
-    timings["data_s"] = time.perf_counter() - tic
+    clock = _Clock()
+    data, from_cache = prepare_data(args, target, tokenizer, train_prompts, layer_ids)
+    clock.lap("data", timings)
     heldout_ids = [encode_prompt(tokenizer, p) for p in heldout]
     all_prompt_ids = torch.tensor([t for p in heldout_ids for t in p])
     mask_id = choose_mask_token_id(tokenizer, torch.cat([data.tokens.long(), all_prompt_ids]),
@@ -277,15 +292,14 @@ def train(args: TrainArgs) -> TrainResult:
     def eval_fn(model: DFlashDrafter, count: int) -> AcceptStats:
         return evaluate(target, model, heldout_ids[:count], max_new_tokens=args.eval_max_new_tokens, stop_ids=stop_ids)
 
-    tic = time.perf_counter()
+    clock.lap("setup", timings)
     losses, evals = run_training(args, drafter, target, data, eval_fn)
-    timings["train_s"] = time.perf_counter() - tic
+    clock.lap("train", timings)
     path = save_drafter(drafter, args.out, dtype=getattr(torch, args.save_dtype))
-    tic = time.perf_counter()
     final = eval_fn(load_drafter(path, dtype=torch.float32, device=device), len(heldout_ids))
-    timings["eval_s"] = time.perf_counter() - tic
+    clock.lap("eval", timings)
     return TrainResult(path=path, final=final, timings=timings, losses=losses, evals=evals, mask_token_id=mask_id,
-                       num_train_tokens=data.num_response_tokens())
+                       num_train_tokens=data.num_response_tokens(), data_from_cache=from_cache)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -308,22 +322,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     return TrainArgs(**parsed)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    result = train(args)
-    report = {
-        "args": {k: v for k, v in asdict(args).items() if k not in ("progress",)},
+def report(args: TrainArgs, result: TrainResult) -> dict:
+    """What a drafter's README quotes: recipe arguments, timings, held-out acceptance."""
+    tail = result.losses[-20:]
+    return {
+        "args": {k: v for k, v in asdict(args).items() if k != "progress"},
         "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
         "mask_token_id": result.mask_token_id,
         "train_response_tokens": result.num_train_tokens,
-        "final_loss": round(sum(result.losses[-20:]) / max(1, len(result.losses[-20:])), 4),
+        "data_from_cache": result.data_from_cache,
+        "final_loss": round(sum(tail) / max(1, len(tail)), 4),
         "heldout_tau": round(result.final.tau, 3),
+        "heldout_steps": len(result.final.accept_lengths),
         "heldout_accept_histogram": result.final.histogram(),
         "heldout_position_rates": [round(r, 3) for r in result.final.position_rates()],
         "evals": result.evals,
     }
-    print(json.dumps(report, indent=2))
-    (Path(result.path) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_report(args: TrainArgs, result: TrainResult) -> dict:
+    summary = report(args, result)
+    (Path(result.path) / "train_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    print(json.dumps(write_report(args, train(args)), indent=2))
 
 
 if __name__ == "__main__":

@@ -207,17 +207,20 @@ def cache_key(target_dir: str | Path, prompts: list[str], **settings) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_sequences(path: Path, layer_ids: Sequence[int], build) -> SequenceSet:
-    """Load ``path`` if it holds every layer in ``layer_ids``; else build (all cached
-    layers plus the new ones), save and return. ``build(layer_ids) -> SequenceSet``."""
+def cached_sequences(path: Optional[Path], layer_ids: Sequence[int], build) -> tuple[SequenceSet, bool]:
+    """(data, from_cache). Load ``path`` if it holds every layer in ``layer_ids``; else
+    build (all cached layers plus the new ones) and save. ``build(layer_ids) -> SequenceSet``;
+    with ``path`` None nothing is cached."""
+    if path is None:
+        return build(list(layer_ids)), False
     cached_layers: list[int] = []
     if path.is_file():
         data = SequenceSet.load(path)
         if all(int(i) in data.features for i in layer_ids):
-            return data
+            return data, True
         cached_layers = sorted(data.features)
     wanted = sorted(set(cached_layers) | {int(i) for i in layer_ids})
     data = build(wanted)
     path.parent.mkdir(parents=True, exist_ok=True)
     data.save(path)
-    return data
+    return data, False

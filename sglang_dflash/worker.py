@@ -73,6 +73,7 @@ class DFlashWorker(sg.BaseSpecWorker):
         self.drafter = load_drafter(path, dtype=runner.dtype, device=self.device, config=self.config)
         self.mask_token_id = _resolve_mask_token_id(self.config, server_args)
         self.tp_size = int(getattr(runner, "tp_size", 1))
+        self.deterministic = bool(getattr(server_args, "enable_deterministic_inference", False))
         self._feature_order = self.config.captured_feature_order()
         self.policy = VerifyLengthPolicy(
             self.block_size, fixed=self.options.verify_len, adaptive=self.options.adaptive and not self.options.tree
@@ -337,8 +338,11 @@ class DFlashWorker(sg.BaseSpecWorker):
             return None
         reqs = [batch.reqs[i] for i in rows]
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        # SGLang seeds sampling only under --enable-deterministic-inference, with 42 by default.
+        default_seed = 42 if self.deterministic else None
+        seeds = [r.sampling_params.sampling_seed for r in reqs]
         uniforms = request_uniforms(
-            [r.sampling_params.sampling_seed for r in reqs],
+            [default_seed if seed is None else seed for seed in seeds],
             [r.decode_batch_idx for r in reqs],
             2 * self.block_size - 1,
             self.device,

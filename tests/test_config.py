@@ -162,3 +162,15 @@ def test_captured_feature_order(ids, order):
     captured = sorted(set(ids))
     rebuilt = [captured[j] for j in (order or range(len(captured)))]
     assert rebuilt == list(ids)
+
+
+def test_missing_local_path():
+    with pytest.raises(DFlashConfigError, match="'/no/such/drafter' does not exist"):
+        DFlashConfig.from_pretrained("/no/such/drafter")
+
+
+def test_hub_id_offline(monkeypatch):
+    """A hub repo id is fetched with huggingface_hub; offline and uncached, it fails in one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DFlashConfigError, match="cannot fetch DFlash drafter 'no-such-org/no-such-drafter' from the hub"):
+        DFlashConfig.from_pretrained("no-such-org/no-such-drafter")

@@ -26,9 +26,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,60 @@ def test_bundle_imports_the_server_path(bundle, tmp_path):
     assert where["flashinfer"][1] == "0.7.2"
     if result["manifest"]["sgl_kernel_route"] == "standin":
         assert "/standin/" in where["sgl_kernel"][0]
+
+
+@pytest.mark.slow
+def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_drafter, tmp_path):
+    """The whole server path, lazily imported modules and subprocesses included, from
+    the bundle alone: ``python -S`` (no site-packages) with PYTHONPATH = bundle + image
+    view + the CPU lane's stand-ins (its CPU ``sgl_kernel`` replaces the GPU one), run
+    from a folder outside the repo so the bundle's own ``sglang_dflash`` copy is used."""
+    import requests
+
+    from sglang_dflash.cpu_lane import CPU_ENV, STUBS_DIR
+
+    site = unpacked / "site"
+    bundle_check.abi_overlay(site)
+    view = tmp_path / "image"
+    bundle_check.image_view(view, exclude=bundle_check.bundle_dists(site))
+    paths = [site, view, *bundle_check.image_extras(CACHE / "image-extra"), Path(STUBS_DIR)]
+    port = gpu_bench.free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
+           "PYTHONPATH": os.pathsep.join(map(str, paths)), **CPU_ENV}
+    cmd = [sys.executable, "-S", "-m", "sglang.launch_server", "--model-path", str(tiny_target), "--device", "cpu",
+           "--attention-backend", "torch_native", "--disable-cuda-graph", "--mem-fraction-static", "0.05",
+           "--max-total-tokens", "8192", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", "--speculative-algorithm", "DFLASH",
+           "--speculative-draft-model-path", str(tiny_drafter)]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-4000:]}"
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail(f"server not healthy:\n{log_path.read_text()[-4000:]}")
+        body = {"text": "The quick brown fox", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
+        out = requests.post(f"{url}/generate", json=body, timeout=300).json()
+        assert out["meta_info"]["completion_tokens"] == 12
+        info = requests.get(f"{url}/get_server_info", timeout=60).json()
+        assert info["version"] == "0.5.23"
+        assert (info.get("internal_states") or [{}])[0]["dflash"]["backend"] == "sglang-dflash"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _python312():

@@ -1,0 +1,172 @@
+"""Issue [8 of 8]: reliability under load, faults and bad input (real server, CPU lane)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.support.equivalence import assert_pool_drained, pool_baseline
+from tests.support.prompts import text_prompts
+
+N_REQUESTS, CLIENTS = 200, 32
+
+
+def spec_options(target, drafter, **extra):
+    return {
+        "model-path": target,
+        "speculative-algorithm": "DFLASH",
+        "speculative-draft-model-path": drafter,
+        "speculative-num-draft-tokens": 8,
+        "max-running-requests": CLIENTS,
+        "chunked-prefill-size": 32,
+        **extra,
+    }
+
+
+def plain_options(target):
+    return {"model-path": target, "max-running-requests": CLIENTS, "chunked-prefill-size": 32}
+
+
+def plan_requests(plain, prompts):
+    """Each request's kind and parameters; stop strings come from the plain model's own
+    greedy text so they really fire mid-output."""
+    rng = random.Random(0)
+    base = plain.generate(prompts, {"temperature": 0.0, "max_new_tokens": 48})
+    plan = []
+    for i, (prompt, out) in enumerate(zip(prompts, base)):
+        params = {"temperature": 0.0, "max_new_tokens": rng.randint(4, 48)}
+        kind = "greedy"
+        if i % 4 == 1:
+            kind, params = "sampled", {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": rng.randint(4, 48)}
+        elif i % 5 == 2 and len(out["text"]) > 12:
+            kind, params = "stop", {**params, "max_new_tokens": 48, "stop": [out["text"][8:11]]}
+        elif i % 10 == 3:
+            kind = "abort"
+        plan.append((kind, prompt, params))
+    return plan
+
+
+def send(server, kind, prompt, params):
+    if kind != "abort":
+        return server.generate_one(prompt, params)
+    # Read two streamed chunks, then hang up: SGLang must abort and free the request.
+    body = {"text": prompt, "sampling_params": {**params, "max_new_tokens": 64}, "stream": True}
+    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=300) as resp:
+        resp.raise_for_status()
+        for n, _ in enumerate(resp.iter_lines()):
+            if n >= 2:
+                break
+    return None
+
+
+def test_load_mixed(servers, tiny_target, tiny_drafter):
+    prompts = text_prompts(N_REQUESTS, seed=11)
+    plain = servers.get(plain_options(tiny_target))
+    spec = servers.get(spec_options(tiny_target, tiny_drafter, **{"enable-metrics": True}))
+    plan = plan_requests(plain, prompts)
+    start = pool_baseline(spec)
+    errors, lock = [], threading.Lock()
+
+    def one(item):
+        try:
+            return send(spec, *item)
+        except Exception as exc:  # every failure counts; none is expected
+            with lock:
+                errors.append(repr(exc))
+            return None
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        outs = list(pool.map(one, plan))
+    assert errors == []
+    greedy = [(i, item) for i, item in enumerate(plan) if item[0] in ("greedy", "stop")]
+    want = [plain.generate_one(item[1], item[2]) for _, item in greedy]
+    for (i, item), expected in zip(greedy, want):
+        assert outs[i]["output_ids"] == expected["output_ids"], (i, item)
+        assert outs[i]["meta_info"]["finish_reason"] == expected["meta_info"]["finish_reason"]
+    stops = [outs[i] for i, item in enumerate(plan) if item[0] == "stop"]
+    assert stops and all(o["meta_info"]["finish_reason"]["type"] == "stop" for o in stops)
+    sampled = [outs[i] for i, item in enumerate(plan) if item[0] == "sampled"]
+    assert all(1 <= o["meta_info"]["completion_tokens"] <= 48 for o in sampled)
+    assert_pool_drained(spec, start)
+    assert requests.get(f"{spec.url}/health", timeout=30).status_code == 200
+    metrics = requests.get(f"{spec.url}/metrics", timeout=30).text
+    for name in ("sglang:dflash_accept_length", "sglang:dflash_draft_step_seconds", "sglang:dflash_verify_step_seconds"):
+        assert name in metrics, name
+
+
+def test_per_request_stats(servers, tiny_target, tiny_drafter):
+    """meta_info carries accepted drafts per verify step and per block position, and
+    they agree with SGLang's own counters and with the streamed tokens."""
+    spec = servers.get(spec_options(tiny_target, tiny_drafter))
+    out = spec.generate_one("Tell me about the history of tea.", {"temperature": 0.0, "max_new_tokens": 40})
+    meta = out["meta_info"]
+    per_step = meta["spec_dflash_accepted_per_step"]
+    assert len(meta["spec_dflash_positions"]) == meta["completion_tokens"] == 40
+    assert len(per_step) == meta["spec_verify_ct"] and sum(per_step) == meta["spec_num_correct_drafts"]
+    by_position = meta["spec_dflash_accepted_by_position"]
+    assert all(by_position[k] == sum(a > k for a in per_step) for k in range(len(by_position)))
+    chunks = list(spec.stream("Tell me about the history of tea.", {"temperature": 0.0, "max_new_tokens": 40}))
+    assert chunks[-1]["meta_info"]["spec_dflash_accepted_per_step"] == per_step
+
+
+def test_max_new_tokens_one(servers, tiny_target, tiny_drafter):
+    spec = servers.get(spec_options(tiny_target, tiny_drafter))
+    plain = servers.get(plain_options(tiny_target))
+    out = spec.generate_one("Hello", {"temperature": 0.0, "max_new_tokens": 1})
+    assert out["meta_info"]["completion_tokens"] == 1
+    assert out["output_ids"] == plain.generate_one("Hello", {"temperature": 0.0, "max_new_tokens": 1})["output_ids"]
+
+
+def test_prompt_at_the_context_limit(servers, tiny_target, tiny_drafter):
+    """A prompt that nearly fills the context: the verify block runs past the last
+    usable position; the answer is correct up to the limit or a clear error."""
+    opts = spec_options(tiny_target, tiny_drafter, **{"context-length": 96})
+    spec = servers.get(opts)
+    plain = servers.get({**plain_options(tiny_target), "context-length": 96})
+    start = pool_baseline(spec)
+    for length in (88, 94, 95):
+        ids = [10 + (i * 7) % 400 for i in range(length)]
+        params = {"temperature": 0.0, "max_new_tokens": 32}
+        got = requests.post(f"{spec.url}/generate", json={"input_ids": ids, "sampling_params": params}, timeout=300)
+        want = requests.post(f"{plain.url}/generate", json={"input_ids": ids, "sampling_params": params}, timeout=300)
+        assert got.status_code == want.status_code, (length, got.text, want.text)
+        if got.status_code == 200:
+            assert got.json()["output_ids"] == want.json()["output_ids"]
+            assert length + got.json()["meta_info"]["completion_tokens"] <= 96
+        else:
+            assert "context" in got.text.lower() or "length" in got.text.lower(), got.text
+    assert_pool_drained(spec, start)
+
+
+def test_empty_prompt(servers, tiny_target, tiny_drafter):
+    spec = servers.get(spec_options(tiny_target, tiny_drafter))
+    plain = servers.get(plain_options(tiny_target))
+    for body in ({"text": ""}, {"input_ids": []}):
+        body = {**body, "sampling_params": {"temperature": 0.0, "max_new_tokens": 8}}
+        got = requests.post(f"{spec.url}/generate", json=body, timeout=120)
+        want = requests.post(f"{plain.url}/generate", json=body, timeout=120)
+        assert got.status_code == want.status_code, (body, got.text)
+        if got.status_code == 200:
+            assert got.json()["output_ids"] == want.json()["output_ids"]
+    assert requests.get(f"{spec.url}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"return_logprob": True}, "does not support return_logprob"),
+        ({"sampling_params": {"max_new_tokens": 4, "frequency_penalty": 0.5}}, "penalties"),
+        ({"sampling_params": {"max_new_tokens": 4, "regex": "[a-z]+"}}, "grammar-constrained"),
+        ({"sampling_params": {"max_new_tokens": 4, "min_new_tokens": 2}}, "min_new_tokens"),
+    ],
+)
+def test_unsupported_request_options_are_refused(servers, tiny_target, tiny_drafter, extra, message):
+    spec = servers.get(spec_options(tiny_target, tiny_drafter))
+    body = {"text": "Hello", "sampling_params": {"max_new_tokens": 4}, **extra}
+    resp = requests.post(f"{spec.url}/generate", json=body, timeout=120)
+    assert resp.status_code == 400 and message in resp.text, resp.text
+    assert requests.get(f"{spec.url}/health", timeout=30).status_code == 200

@@ -1,0 +1,255 @@
+"""Drafter distillation: the objective's masks, a tiny end-to-end run, and checkpoint
+compatibility with the z-lab reference (``dflash`` from PyPI, the numerical oracle)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from sglang_dflash.checkpoint import load_drafter
+from sglang_dflash.config import DFlashConfig
+from sglang_dflash.draft_attention import DraftAttnPlan, TorchDraftAttention
+from sglang_dflash.draft_kv import DraftKVCache
+from sglang_dflash.proposer import BlockProposer
+from sglang_dflash.train import TrainArgs, drafter_config_dict, init_drafter, load_target, train
+from sglang_dflash.train_data import SequenceSet, encode_prompt, stop_token_ids
+from sglang_dflash.train_eval import evaluate, speculative_generate
+from sglang_dflash.train_objective import IGNORE, block_attention_mask, block_hidden, make_batch, sample_anchors
+from sglang_dflash.train_prompts import build_prompts, split_prompts
+
+BLOCK = 8
+# fp32 on both sides; differences come only from summation order (SDPA kernels, RMSNorm).
+REFERENCE_ATOL = 1e-4
+
+
+# ------------------------------------------------------------------ objective, no model
+def reference_visibility(anchors, valid, ctx_len, block):
+    """Plain python: per query (s, j, k), the keys it may see, as ('ctx', c) / ('blk', j, k)."""
+    rows = []
+    for s, (seq_anchors, seq_valid) in enumerate(zip(anchors, valid)):
+        seq_rows = []
+        for j, (a, ok) in enumerate(zip(seq_anchors, seq_valid)):
+            context = {("ctx", c) for c in range(ctx_len) if ok and c < a}
+            own = {("blk", j, k) for k in range(block)}
+            seq_rows += [context | own] * block
+        rows.append(seq_rows)
+    return rows
+
+
+def visibility_from_mask(mask, ctx_len, block):
+    rows = []
+    for seq_mask in mask[:, 0]:
+        seq_rows = []
+        for row in seq_mask:
+            keys = set()
+            for col in row.nonzero().flatten().tolist():
+                keys.add(("ctx", col) if col < ctx_len else ("blk", *divmod(col - ctx_len, block)))
+            seq_rows.append(keys)
+        rows.append(seq_rows)
+    return rows
+
+
+def test_block_mask_matches_plain_python():
+    anchors = [[2, 5, 3], [4, 0, 0]]
+    valid = [[True, True, True], [True, False, False]]
+    ctx_len, block = 7, 3
+    mask = block_attention_mask(torch.tensor(anchors), torch.tensor(valid), ctx_len, block)
+    assert mask.shape == (2, 1, 3 * block, ctx_len + 3 * block)
+    assert visibility_from_mask(mask, ctx_len, block) == reference_visibility(anchors, valid, ctx_len, block)
+
+
+def test_make_batch_blocks_and_labels():
+    lengths, prompt_lens = [12, 9], [4, 6]
+    tokens = torch.arange(100, 100 + sum(lengths), dtype=torch.int32)
+    offsets = torch.tensor([0, 12, 21])
+    feats = torch.arange(sum(lengths), dtype=torch.float32)[:, None].repeat(1, 3)
+    data = SequenceSet(tokens, offsets, torch.tensor(prompt_lens), {0: feats})
+    mask_id = 7
+    batch = make_batch(data, [0, 1], feats, block_size=4, num_anchors=5, mask_token_id=mask_id,
+                       generator=torch.Generator().manual_seed(0))
+    for row, i in enumerate([0, 1]):
+        seq = data.sequence(i).long()
+        assert torch.equal(batch.features[row, : len(seq), 0], feats[offsets[i] : offsets[i + 1], 0])
+        for j in range(5):
+            if batch.labels[row, j].eq(IGNORE).all():  # padding block (seq 1 has only 2 anchors)
+                continue
+            a = int(batch.anchors[row, j])
+            assert prompt_lens[i] <= a <= len(seq) - 2
+            assert batch.block_tokens[row, j].tolist() == [int(seq[a])] + [mask_id] * 3
+            expected = seq[a + 1 : a + 4].tolist()
+            assert batch.labels[row, j].tolist() == expected + [IGNORE] * (3 - len(expected))
+            assert batch.block_positions[row, j].tolist() == list(range(a, a + 4))
+    assert sample_anchors(6, 9, 5, torch.Generator()) == [6, 7]
+
+
+# ------------------------------------------------------------------ tiny target fixtures
+@pytest.fixture(scope="module")
+def tiny_target_dir(tmp_path_factory) -> Path:
+    from sglang_dflash.devmodels.tiny import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("tiny-target"))
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_target_dir):
+    return load_target(tiny_target_dir, "cpu")
+
+
+def tiny_args(target_dir: Path, out: Path, cache: Path, **overrides) -> TrainArgs:
+    settings = dict(
+        layers=1, block_size=BLOCK, num_prompts=48, num_heldout=4, max_new_tokens=96, gen_batch_size=48,
+        steps=150, seqs_per_step=8, anchors_per_seq=16, lr=1e-2, warmup=15, eval_max_new_tokens=48,
+        save_dtype="float32", cache_dir=str(cache), progress=False, threads=None,
+    )
+    settings.update(overrides)
+    return TrainArgs(target=str(target_dir), out=str(out), **settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target_dir, tiny_target, tmp_path_factory):
+    """One short training run; returns (args, result, train prompt ids, tau before training)."""
+    root = tmp_path_factory.mktemp("train")
+    args = tiny_args(tiny_target_dir, root / "drafter", root / "cache")
+    target, tokenizer = tiny_target
+    prompts, _ = split_prompts(build_prompts(args.num_prompts + args.num_heldout, args.prompt_seed), args.num_heldout)
+    train_ids = [encode_prompt(tokenizer, p) for p in prompts[:4]]
+    raw = drafter_config_dict(target.config, num_layers=1, target_layer_ids=[2], block_size=BLOCK, mask_token_id=3)
+    untrained = init_drafter(DFlashConfig.from_dict(raw), target, seed=0)
+    stops = stop_token_ids(target, tokenizer)
+    before = evaluate(target, untrained, train_ids, max_new_tokens=64, stop_ids=stops).tau
+    return args, train(args), train_ids, before
+
+
+def test_training_lowers_loss_and_raises_tau(trained, tiny_target):
+    args, result, train_ids, tau_before = trained
+    target, tokenizer = tiny_target
+    losses = result.losses
+    assert sum(losses[-15:]) / 15 < 0.85 * sum(losses[:15]) / 15
+    drafter = load_drafter(result.path)
+    after = evaluate(target, drafter, train_ids, max_new_tokens=64, stop_ids=stop_token_ids(target, tokenizer))
+    assert after.tau > 1.1 and after.tau > tau_before + 0.05, (tau_before, after.summary())
+
+
+def test_checkpoint_round_trip(trained):
+    _, result, _, _ = trained
+    config = DFlashConfig.from_pretrained(result.path)
+    assert config.raw["architectures"] == ["DFlashDraftModel"]
+    assert config.block_size == BLOCK and config.target_layer_ids == (2,)
+    assert config.raw["dflash_config"] == {"target_layer_ids": [2], "mask_token_id": config.mask_token_id,
+                                           "block_size": BLOCK}
+    assert config.raw["num_target_layers"] == 4
+    first, second = load_drafter(result.path), load_drafter(result.path)
+    state = first.state_dict()
+    assert state.keys() == second.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in second.state_dict().items())
+
+
+def _block_inputs(target, drafter, ctx_len: int, anchor_token: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(ctx_len, drafter.config.num_features * drafter.config.hidden_size, generator=gen)
+    block = torch.full((BLOCK,), drafter.config.mask_token_id)
+    block[0] = anchor_token
+    return features, block
+
+
+def test_checkpoint_matches_zlab_reference(trained, tiny_target):
+    from dflash.model import DFlashDraftModel
+
+    _, result, _, _ = trained
+    target, _ = tiny_target
+    ours = load_drafter(result.path)
+    reference = DFlashDraftModel.from_pretrained(str(result.path), dtype=torch.float32).eval()
+    assert reference.target_layer_ids == [2] and reference.mask_token_id == ours.config.mask_token_id
+    embed_w = target.get_input_embeddings().weight
+    head_w = target.get_output_embeddings().weight
+    ctx_len = 21
+    features, block = _block_inputs(target, ours, ctx_len, anchor_token=42)
+    with torch.no_grad():
+        ref_hidden = reference(
+            position_ids=torch.arange(ctx_len + BLOCK)[None],
+            noise_embedding=F.embedding(block, embed_w)[None],
+            target_hidden=features[None],
+        )[0]
+        ref_logits = reference.compute_logits(ref_hidden[1:], target.get_output_embeddings())
+        # Ours, through the training path: one sequence, one block anchored after the context.
+        from sglang_dflash.train_objective import BlockBatch
+
+        batch = BlockBatch(features=features[None], block_tokens=block[None, None], anchors=torch.tensor([[ctx_len]]),
+                           labels=torch.zeros(1, 1, BLOCK - 1, dtype=torch.long),
+                           mask=block_attention_mask(torch.tensor([[ctx_len]]), torch.tensor([[True]]), ctx_len, BLOCK))
+        our_logits = ours.logits(block_hidden(ours, batch, embed_w)[0, 0, 1:], head_w)
+    torch.testing.assert_close(our_logits, ref_logits, atol=REFERENCE_ATOL, rtol=REFERENCE_ATOL)
+    assert torch.equal(our_logits.argmax(-1), ref_logits.argmax(-1))
+
+
+def test_training_forward_matches_serving_path(trained, tiny_target):
+    """Many blocks under the block-sparse mask == one block at a time over the draft KV cache."""
+    _, result, _, _ = trained
+    target, _ = tiny_target
+    drafter = load_drafter(result.path)
+    embed_w, head_w = target.get_input_embeddings().weight, target.get_output_embeddings().weight
+    ctx_len = 30
+    features, _ = _block_inputs(target, drafter, ctx_len, anchor_token=0, seed=1)
+    anchors = torch.tensor([[5, 17, 9, 28]])
+    tokens = torch.randint(0, 500, (ctx_len,), generator=torch.Generator().manual_seed(2))
+    block_tokens = torch.full((1, 4, BLOCK), drafter.config.mask_token_id)
+    block_tokens[0, :, 0] = tokens[anchors[0]]
+    from sglang_dflash.train_objective import BlockBatch
+
+    batch = BlockBatch(features[None], block_tokens, anchors, torch.zeros(1, 4, BLOCK - 1, dtype=torch.long),
+                       block_attention_mask(anchors, torch.ones_like(anchors, dtype=torch.bool), ctx_len, BLOCK))
+    with torch.no_grad():
+        many = drafter.logits(block_hidden(drafter, batch, embed_w)[0, :, 1:], head_w)
+        for j, a in enumerate(anchors[0].tolist()):
+            cache = DraftKVCache(num_layers=1, num_slots=a + BLOCK, num_kv_heads=drafter.config.num_kv_heads,
+                                 head_dim=drafter.config.head_dim, dtype=torch.float32, device="cpu")
+            positions = torch.arange(a)
+            drafter.inject(cache, features[:a], positions, positions)
+            proposer = BlockProposer(drafter, TorchDraftAttention(cache, drafter.config),
+                                     embed=lambda ids: F.embedding(ids, embed_w),
+                                     lm_head=lambda h: drafter.logits(h, head_w),
+                                     mask_token_id=drafter.config.mask_token_id, block_size=BLOCK)
+            slots = torch.arange(a + BLOCK)
+            plan = DraftAttnPlan(kv_slots=slots[None], kv_lens=torch.tensor([a + BLOCK]),
+                                 q_positions=slots[None, a:], block_slots=slots[a:])
+            one = proposer.draft_logits(tokens[a : a + 1], plan)[0]
+            torch.testing.assert_close(one, many[j], atol=1e-5, rtol=1e-5)
+
+
+def test_eval_loop_is_lossless_and_agrees_with_reference(trained, tiny_target, monkeypatch):
+    """Our greedy speculative loop emits the target's greedy tokens, with the same
+    acceptance lengths as the reference's ``dflash_generate`` on the same checkpoint."""
+    import dflash.model as zlab
+
+    _, result, train_ids, _ = trained
+    target, tokenizer = tiny_target
+    drafter = load_drafter(result.path)
+    stops = stop_token_ids(target, tokenizer)
+    prompt = train_ids[0]
+    ours, lengths = speculative_generate(target, drafter, prompt, max_new_tokens=40, stop_ids=stops)
+    with torch.no_grad():
+        greedy = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=stops[0])[0, len(prompt) :].tolist()
+    assert ours == greedy[: len(ours)] and len(ours) == len(greedy)
+    assert sum(lengths) == len(ours) - 1  # the first token comes from prefill
+    monkeypatch.setattr(zlab, "_cuda_time", time.perf_counter)  # the reference times with CUDA syncs
+    reference = zlab.DFlashDraftModel.from_pretrained(str(result.path), dtype=torch.float32).eval()
+    stats = zlab.dflash_generate(reference, target, torch.tensor([prompt]), max_new_tokens=40, stop_token_ids=stops,
+                                 return_stats=True)
+    assert stats.output_ids[0, len(prompt) :].tolist()[: len(ours)] == ours
+    assert stats.acceptance_lengths[: len(lengths) - 1] == lengths[:-1]
+
+
+def test_training_is_deterministic(tiny_target_dir, trained, tmp_path):
+    args, _, _, _ = trained
+    states = []
+    for run in range(2):
+        again = tiny_args(tiny_target_dir, tmp_path / f"d{run}", Path(args.cache_dir), steps=12, num_heldout=1,
+                          eval_max_new_tokens=4)
+        result = train(again)
+        states.append(load_drafter(result.path).state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

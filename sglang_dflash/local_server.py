@@ -139,7 +139,7 @@ class Server:
                     yield json.loads(line[5:])
 
     def server_info(self) -> dict:
-        return requests.get(f"{self.url}/get_server_info", timeout=60).json()
+        return requests.get(f"{self.url}/server_info", timeout=60).json()
 
     def dflash_state(self) -> Optional[dict]:
         states = self.server_info().get("internal_states") or [{}]

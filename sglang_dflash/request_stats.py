@@ -33,6 +33,13 @@ def record_step(reqs: Sequence, emitted: Sequence[Sequence[int]]) -> None:
         positions.extend(list(range(1, len(tokens))) + [0])
 
 
+def complete_positions(positions: Sequence[int], completion_tokens: int) -> list[int]:
+    """The record is written from the first verify step on, so a stream's first chunk
+    (the prefill token) carries none: restore those leading target-chosen entries."""
+    positions = [p for p in positions if p is not None]
+    return [0] * (completion_tokens - len(positions)) + positions
+
+
 def summarize(positions: Sequence[int]) -> dict:
     """Per-step accepted counts and per-position acceptance counts from the token record."""
     per_step, run = [], 0

@@ -17,6 +17,9 @@ _PREFIX = "DFLASH speculative decoding (sglang-dflash) does not support"
 def unsupported_reason(req) -> Optional[str]:
     """None if the request is served exactly; otherwise the reason it is refused."""
     params = req.sampling_params
+    if not req.origin_input_ids:
+        # Plain SGLang 0.5.23 crashes its scheduler on an empty prompt; refuse it instead.
+        return "the prompt is empty: send at least one token"
     if getattr(req, "return_logprob", False):
         return f"{_PREFIX} return_logprob yet"
     if getattr(req, "return_hidden_states", False):

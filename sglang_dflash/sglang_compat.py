@@ -272,10 +272,11 @@ def _record_request_stats_hook(predict_tokens, processor, result, batch):
 
 
 def _summarize_request_stats_hook(result, manager, meta_info, state, customized_info, index, finish_reason):
-    from .request_stats import POSITIONS, summarize
+    from .request_stats import POSITIONS, complete_positions, summarize
 
     if finish_reason is not None and POSITIONS in meta_info:
-        meta_info.update(summarize(meta_info[POSITIONS]))
+        meta_info[POSITIONS] = positions = complete_positions(meta_info[POSITIONS], meta_info["completion_tokens"])
+        meta_info.update(summarize(positions))
 
 
 def _add_cli_args_hook(result, parser) -> None:
@@ -320,6 +321,7 @@ def _handle_dflash(server_args) -> None:
     if getattr(cfg, "enable_lora", False):
         raise ValueError("sglang-dflash does not support LoRA adapters with DFLASH yet")
     draft = DFlashConfig.from_pretrained(cfg.speculative_draft_model_path)
+    _validate_against_target(cfg, draft)
     options = DFlashOptions.from_env()
     block, width = _resolve_block_and_width(cfg, draft, options)
     if options.verify_len is not None and options.verify_len > block:
@@ -343,6 +345,17 @@ def _handle_dflash(server_args) -> None:
         logger.warning("sglang-dflash: --enable-mixed-chunk is not supported with DFLASH; disabling it")
         resolved["enable_mixed_chunk"] = False
     declare_resolution(server_args, source, **resolved)
+
+
+def _validate_against_target(cfg, draft) -> None:
+    """Hidden size, vocabulary and layer range, checked at launch rather than in the scheduler."""
+    from sglang.srt.utils.hf_transformers_utils import get_config
+
+    target = get_config(cfg.model_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    text = getattr(target, "text_config", None) or target
+    draft.validate_target(
+        hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), num_layers=int(text.num_hidden_layers)
+    )
 
 
 def _resolve_block_and_width(cfg, draft, options) -> tuple[int, int]:

@@ -228,6 +228,7 @@ class DFlashWorker(sg.BaseSpecWorker):
                 "sampling": self.options.sampling_rule,
             },
             "acceptance_by_position": [round(float(a), 4) for a in self.policy.acceptance.global_alpha()],
+            "step_ms": {f"bs{b}_len{l}": round(t * 1e3, 3) for (b, l), t in sorted(self.policy.cost.cells.items())},
             "drafter_attention": getattr(self.proposer.attention, "name", None) if self.proposer else None,
             "drafter_kv_bytes": self.kv.bytes() if self.kv is not None else 0,
             "cuda_graph_batch_sizes": list(self.graphed.batch_sizes) if self.graphed is not None else [],

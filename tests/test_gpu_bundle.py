@@ -201,30 +201,35 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
 
 
 def _python312():
-    found = shutil.which("python3.12")
-    if found:
-        return found
+    """A working CPython 3.12: on PATH, or installed by pyenv (its shim may not be active)."""
+    candidates = [shutil.which("python3.12")]
     pyenv = shutil.which("pyenv")
     if pyenv:
         root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
-        hits = sorted(glob.glob(os.path.join(root, "versions", "3.12*", "bin", "python3.12")))
-        if hits:
-            return hits[-1]
+        candidates += sorted(glob.glob(os.path.join(root, "versions", "3.12*", "bin", "python3.12")), reverse=True)
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == "True":
+            return candidate
     return None
 
 
 @pytest.mark.slow
-def test_bundle_cp312_extensions_load_in_python312(unpacked):
-    """The bundle's own cp312 binaries, in a real CPython 3.12 (no torch needed)."""
+def test_bundle_cp312_extensions_load_in_python312(unpacked, tmp_path):
+    """The bundle's own cp312 binaries, in a real CPython 3.12 (no torch needed; the
+    image's pure-Python packages such as typing_extensions come from the image view)."""
     python = _python312()
     if python is None:
         pytest.skip("no CPython 3.12 on this machine")
+    view = tmp_path / "image"
+    bundle_check.image_view(view, exclude=bundle_check.bundle_dists(unpacked / "site"))
     modules = ["pydantic_core._pydantic_core", "orjson", "msgspec", "zmq", "setproctitle", "pybase64",
                "zstandard", "rpds", "jiter", "tvm_ffi", "cffi", "watchfiles", "llguidance", "Cryptodome.Cipher.AES"]
-    code = ("import importlib, json, sys\nsys.path.insert(0, sys.argv[1])\nbad = {}\n"
+    code = ("import importlib, json, sys\nsys.path[:0] = sys.argv[1].split(':')\nbad = {}\n"
             "for m in sys.argv[2:]:\n    try:\n        importlib.import_module(m)\n"
             "    except Exception as e:\n        bad[m] = repr(e)\nprint(json.dumps(bad))")
-    proc = subprocess.run([python, "-S", "-c", code, str(unpacked / "site"), *modules],
+    proc = subprocess.run([python, "-S", "-c", code, f"{unpacked / 'site'}:{view}", *modules],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bad = json.loads(proc.stdout.strip().splitlines()[-1])

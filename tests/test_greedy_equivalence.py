@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.equivalence import assert_pool_drained, assert_same_tokens, pool_baseline, request_params, run
+from tests.support.configs import tiny_plain, tiny_spec
 from tests.support.prompts import text_prompts, token_prompts
 
 N_PROMPTS = 50
@@ -34,10 +35,10 @@ def plain_options(model, *, page, chunk):
     return {"model-path": model, "page-size": page, "chunked-prefill-size": chunk, "max-running-requests": 16}
 
 
-def check(servers, model, drafter, prompts, *, block, page, batch, stop_token_ids=None):
+def check(servers, model, drafter, prompts, *, block, page, batch, stop_token_ids=None, spec=None, plain=None):
     chunk = max(16, page)
-    spec = servers.get(spec_options(model, drafter, block=block, page=page, chunk=chunk))
-    plain = servers.get(plain_options(model, page=page, chunk=chunk))
+    spec = spec or servers.get(spec_options(model, drafter, block=block, page=page, chunk=chunk))
+    plain = plain or servers.get(plain_options(model, page=page, chunk=chunk))
     start = pool_baseline(spec)
     params = [
         request_params(i, stop_token_ids=stop_token_ids if i % 3 == 0 else None) for i in range(len(prompts))
@@ -51,9 +52,8 @@ def check(servers, model, drafter, prompts, *, block, page, batch, stop_token_id
     return got
 
 
-def frequent_token(servers, model, prompts, page) -> list[int]:
+def frequent_token(plain, prompts) -> list[int]:
     """A token the plain model emits often, used as a stop token that hits mid-block."""
-    plain = servers.get(plain_options(model, page=page, chunk=max(16, page)))
     outs = run(plain, prompts[:8], [request_params(i) for i in range(8)], batch=8)
     counts: dict[int, int] = {}
     for o in outs:
@@ -64,9 +64,10 @@ def frequent_token(servers, model, prompts, page) -> list[int]:
 
 @pytest.mark.parametrize("batch", [16, 1])
 def test_tiny_qwen3(servers, tiny_target, tiny_drafter, batch):
+    spec, plain = servers.get(tiny_spec(tiny_target, tiny_drafter)), servers.get(tiny_plain(tiny_target))
     prompts = token_prompts(N_PROMPTS, vocab_size=512)
-    stop = frequent_token(servers, tiny_target, prompts, page=1)
-    check(servers, tiny_target, tiny_drafter, prompts, block=8, page=1, batch=batch, stop_token_ids=stop)
+    stop = frequent_token(plain, prompts)
+    check(servers, tiny_target, tiny_drafter, prompts, block=8, page=1, batch=batch, stop_token_ids=stop, spec=spec, plain=plain)
 
 
 def test_smollm2(servers, smollm2, smollm2_random_drafter):
@@ -85,7 +86,7 @@ def test_tiny_qwen3_matrix(servers, tiny_target, models_dir, block, page, batch)
     if not drafter.exists():
         build_random_drafter(drafter, target=tiny_target, num_layers=2, block_size=block)
     prompts = token_prompts(N_PROMPTS, vocab_size=512, seed=block + page)
-    stop = frequent_token(servers, tiny_target, prompts, page=page)
+    stop = frequent_token(servers.get(plain_options(tiny_target, page=page, chunk=max(16, page))), prompts)
     check(servers, tiny_target, drafter, prompts, block=block, page=page, batch=batch, stop_token_ids=stop)
 
 
@@ -98,22 +99,19 @@ def test_smollm2_matrix(servers, smollm2, smollm2_random_drafter, block, page, b
     check(servers, smollm2, smollm2_random_drafter, prompts, block=block, page=page, batch=batch)
 
 
-MODES = {
+MODES = {  # the tree is in the default run; the other modes in the slow matrix
     "tree": {"speculative-dflash-tree-topk": 2, "speculative-dflash-block-size": 8, "speculative-num-draft-tokens": 16},
     "fixed-verify-len": {"speculative-dflash-verify-len": 3},
     "adaptive-off": {"no-speculative-dflash-adaptive": True},
 }
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", ["tree", pytest.param("fixed-verify-len", marks=pytest.mark.slow), pytest.param("adaptive-off", marks=pytest.mark.slow)])
 def test_modes_stay_lossless(servers, tiny_target, tiny_drafter, mode):
     """Our own flags reach the worker through SGLang's CLI, and every verify mode
     (top-k tree, fixed length, adaptive off) keeps greedy output exact."""
     extra = MODES[mode]
-    options = {**spec_options(tiny_target, tiny_drafter, block=8, page=1, chunk=16), **extra}
-    if "speculative-num-draft-tokens" not in extra:
-        options["speculative-num-draft-tokens"] = 8
-    spec = servers.get(options)
+    spec = servers.get({**tiny_spec(tiny_target, tiny_drafter), **extra})
     state = spec.dflash_state()
     expected = {
         "tree": {"tree_topk": 2, "adaptive": True, "verify_len": None, "sampling": "pq"},
@@ -122,7 +120,7 @@ def test_modes_stay_lossless(servers, tiny_target, tiny_drafter, mode):
     }[mode]
     assert state["options"] == expected
     assert state["verify_width"] == (16 if mode == "tree" else 8) and state["block_size"] == 8
-    plain = servers.get(plain_options(tiny_target, page=1, chunk=16))
+    plain = servers.get(tiny_plain(tiny_target))
     prompts = token_prompts(24, vocab_size=512, seed=7)
     params = [request_params(i) for i in range(len(prompts))]
     start = pool_baseline(spec)
@@ -130,7 +128,9 @@ def test_modes_stay_lossless(servers, tiny_target, tiny_drafter, mode):
     assert_pool_drained(spec, start)
 
 
-@pytest.mark.parametrize("layer_ids", [[1, 1], [2, 0, 1]])
+@pytest.mark.parametrize(
+    "layer_ids", [[2, 0, 2], pytest.param([1, 1], marks=pytest.mark.slow), pytest.param([2, 0, 1], marks=pytest.mark.slow)]
+)
 def test_repeated_and_unsorted_layer_ids(servers, tiny_target, models_dir, layer_ids):
     """SGLang captures each layer once, in layer order; DFlash concatenates features in
     the listed order, repeats included (the default rule gives [1, 1] for small
@@ -141,7 +141,7 @@ def test_repeated_and_unsorted_layer_ids(servers, tiny_target, models_dir, layer
     if not drafter.exists():
         build_random_drafter(drafter, target=tiny_target, num_layers=1, block_size=4, target_layer_ids=layer_ids)
     spec = servers.get(spec_options(tiny_target, drafter, block=4, page=1, chunk=16))
-    plain = servers.get(plain_options(tiny_target, page=1, chunk=16))
+    plain = servers.get(tiny_plain(tiny_target))
     prompts = token_prompts(8, vocab_size=512, seed=3)
     params = [request_params(i) for i in range(8)]
     assert_same_tokens(run(spec, prompts, params, batch=8), run(plain, prompts, params, batch=8), prompts)

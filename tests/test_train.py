@@ -87,6 +87,16 @@ def test_make_batch_blocks_and_labels():
 
 
 # ------------------------------------------------------------------ tiny target fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spin-waits
+    make a second thread several times slower; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_target_dir(tmp_path_factory) -> Path:
     from sglang_dflash.devmodels.tiny import build_tiny_target

@@ -1,0 +1,5 @@
+"""sglang-kernel 0.4.10 `sgl_kernel.sampling` names (stand-in: see sgl_kernel._standin)."""
+
+from ._standin import export
+
+export("sampling", globals())

@@ -1,0 +1,1 @@
+__version__ = "0.4.10+standin"

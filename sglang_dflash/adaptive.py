@@ -113,6 +113,15 @@ class AcceptanceEstimator:
             return base
         return (r.hits + self.prior * base) / (r.trials + self.prior)
 
+    def alphas(self, rids: Sequence[str], optimism: float = 0.0) -> np.ndarray:
+        """[len(rids), B-1] per-request estimates (vectorised ``alpha``)."""
+        base = self.global_alpha(optimism)
+        zeros = np.zeros_like(base)
+        counts = [self.requests.get(rid) for rid in rids]
+        hits = np.stack([zeros if c is None else c.hits for c in counts])
+        trials = np.stack([zeros if c is None else c.trials for c in counts])
+        return (hits + self.prior * base) / (trials + self.prior)
+
     def forget(self, rids: Iterable[str]) -> None:
         for rid in rids:
             self.requests.pop(rid, None)
@@ -178,11 +187,10 @@ class VerifyLengthPolicy:
     def scores(self, rids: Sequence[str]) -> dict[int, float]:
         """Expected committed tokens per second for each bucket."""
         bs = len(rids)
-        alphas = [self.acceptance.alpha(rid, self.optimism) for rid in rids]
-        return {
-            length: sum(expected_tokens(a, length) for a in alphas) / self.cost.predict(bs, length)
-            for length in self.buckets
-        }
+        alphas = self.acceptance.alphas(rids, self.optimism)  # [bs, B-1]
+        # tokens[L] = sum over requests of 1 + sum_{k < L} prod_{j <= k} alpha_j
+        cumulative = np.concatenate([np.zeros(1), np.cumprod(alphas, axis=1).sum(axis=0).cumsum()])
+        return {length: (bs + cumulative[length - 1]) / self.cost.predict(bs, length) for length in self.buckets}
 
     def choose(self, rids: Sequence[str]) -> int:
         if self.fixed is not None:

@@ -99,18 +99,21 @@ def load_target(path: str | Path, device: str | torch.device, dtype: torch.dtype
 def choose_mask_token_id(tokenizer, used: torch.Tensor, vocab_size: int) -> int:
     """The MASK id: a token the data never contains, whose embedding row is the MASK.
 
-    A token named like a mask (``<|MASK|>``) wins. Otherwise take the highest-id
+    A token named like a mask (``<|MASK|>``) wins, even if the data holds it: SGLang
+    resolves ``<|MASK|>`` through the tokenizer and refuses a different id. Otherwise take the highest-id
     special token that is not bos/eos/pad/unk: those are control tokens of other
     formats (for SmolLM2, ``<empty_output>``, a code-pretraining marker that chat
     never produces). Either way it must not occur in the prompts or responses; a
     random target can emit anything, so the last resort is the highest unused id.
     """
-    present = set(torch.unique(used).tolist())
     added = {int(i): t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-    named = [i for i, text in added.items() if text in MASK_TOKEN_NAMES]
+    named = [i for i, text in added.items() if text in MASK_TOKEN_NAMES and i < vocab_size]
+    if named:  # serving stacks look the name up in the tokenizer and refuse any other id
+        return named[0]
+    present = set(torch.unique(used).tolist())
     roles = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
     specials = sorted((i for i in added if i not in roles and i < vocab_size), reverse=True)
-    for candidate in [*named, *specials, *range(vocab_size - 1, -1, -1)]:
+    for candidate in [*specials, *range(vocab_size - 1, -1, -1)]:
         if candidate not in present and candidate not in roles:
             return candidate
     raise ValueError("every token id occurs in the data; there is no id left to serve as MASK")

@@ -273,6 +273,8 @@ class DFlashWorker(sg.BaseSpecWorker):
         use_tree = self.options.tree and sampled is None
         verify_len = self.verify_width if use_tree else self.policy.choose(rids)
         self._clock.decode_started(len(rids), verify_len)
+        if verify_len == 1:
+            return self._plain_decode(batch, state, rids, sampled, on_publish)
         with self.metrics.phase("draft") if verify_len > 1 else nullcontext():
             proposal = self._propose(batch, state, verify_len, sampled)
         if use_tree:
@@ -295,6 +297,34 @@ class DFlashWorker(sg.BaseSpecWorker):
         committed = acceptance.out_tokens.shape[1]
         positions = prefix.long()[:, None] + torch.arange(committed, device=self.device)
         self._inject(self.kv, features[:, :committed].reshape(bs * committed, -1), positions.reshape(-1), slots[:, :committed].reshape(-1))
+        return self._result(rids, verify_len, prefix, acceptance, logits_output, can_run_graph, on_publish)
+
+    def _plain_decode(self, batch, state, rids, sampled: Optional[SampledRows], on_publish):
+        """Speculation off: SGLang's own one-token DECODE forward of the target (its
+        cheapest step), still capturing the token's features so the drafter's context
+        stays complete for when speculation turns back on."""
+        prefix = batch.seq_lens
+        slots = self._verify_slots(batch, 1)
+        batch.input_ids = state.bonus_tokens
+        batch.out_cache_loc = slots.reshape(-1)
+        batch.seq_lens = prefix + 1
+        if batch.seq_lens_cpu is not None:
+            batch.seq_lens_cpu = batch.seq_lens_cpu + 1
+            batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+        batch.spec_info = None
+        batch.forward_mode = sg.ForwardMode.DECODE
+        with self.metrics.phase("verify"):
+            out = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=sg.CaptureHiddenMode.FULL, is_verify=True)
+        logits_output = out.logits_output
+        bs = len(rids)
+        proposal = Proposal(tokens=state.bonus_tokens[:, None].long())
+        acceptance = verify_chain(proposal, logits_output.next_token_logits.view(bs, 1, -1), sampled)
+        features = self._as_drafter_features(logits_output.hidden_states)
+        logits_output.hidden_states = None
+        self._inject(self.kv, features, prefix.long(), slots.reshape(-1))
+        return self._result(rids, 1, prefix, acceptance, logits_output, out.can_run_cuda_graph, on_publish)
+
+    def _result(self, rids, verify_len, prefix, acceptance, logits_output, can_run_graph, on_publish):
         self._pending_steps.append((rids, verify_len))
         commit_lens = acceptance.commit_lens
         new_seq_lens = prefix + commit_lens
@@ -307,14 +337,12 @@ class DFlashWorker(sg.BaseSpecWorker):
             new_seq_lens=new_seq_lens,
             next_draft_input=self._state(bonus_tokens=acceptance.bonus, new_seq_lens=new_seq_lens),
             can_run_cuda_graph=can_run_graph,
-            speculative_num_draft_tokens=committed,
+            speculative_num_draft_tokens=acceptance.out_tokens.shape[1],
         )
 
     def _propose(self, batch, state, verify_len: int, sampled: Optional[SampledRows]) -> Proposal:
-        """Draft one block, or nothing when speculation is off (verify length 1)."""
+        """Draft one block (column 0 is the bonus) and keep the first ``verify_len`` nodes."""
         bonus = state.bonus_tokens
-        if verify_len == 1:
-            return Proposal(tokens=bonus[:, None].long())
         plan = DraftAttnPlan.from_req_to_token(
             req_to_token=self.req_to_token_pool.req_to_token,
             req_pool_indices=batch.req_pool_indices,

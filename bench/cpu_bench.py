@@ -28,18 +28,23 @@ DEFAULT_DRAFTER = REPO / "drafters" / "smollm2-135m-dflash"
 MODES = {
     "no-spec": ({}, {}),
     "ours": ({"speculative-algorithm": "DFLASH"}, {}),
+    "ours-full-block": ({"speculative-algorithm": "DFLASH", "no-speculative-dflash-adaptive": True}, {}),
     "upstream": ({"speculative-algorithm": "DFLASH"}, {"SGLANG_DFLASH_BACKEND": "upstream", "SGLANG_DFLASH_TIMING": "1"}),
 }
 
 
-def heldout_prompts(n: int) -> list[str]:
-    """Prompts the shipped drafter never saw (same generator and split as its training)."""
+def heldout_prompts(n: int, drafter: Path = DEFAULT_DRAFTER) -> list[str]:
+    """Prompts the drafter never saw: same generator and split as its training run,
+    read from the ``train_report.json`` the trainer writes next to the weights."""
     from sglang_dflash.train_prompts import build_prompts, split_prompts
 
-    recipe = json.loads((DEFAULT_DRAFTER / "recipe.json").read_text()) if (DEFAULT_DRAFTER / "recipe.json").exists() else {}
-    prompts = build_prompts(recipe.get("num_prompts", 512) + recipe.get("num_heldout", 64), seed=recipe.get("seed", 0))
-    _, heldout = split_prompts(prompts, recipe.get("num_heldout", 64))
-    return heldout[:n]
+    report = Path(drafter) / "train_report.json"
+    if not report.exists():
+        raise SystemExit(f"{report} is missing: the benchmark needs a drafter trained by `make drafter`")
+    recipe = json.loads(report.read_text())["args"]
+    prompts = build_prompts(recipe["num_prompts"] + recipe["num_heldout"], recipe["prompt_seed"])
+    _, heldout = split_prompts(prompts, recipe["num_heldout"])
+    return [heldout[i % len(heldout)] for i in range(n)]  # cycled when n exceeds the split
 
 
 def run_requests(server: Server, prompts, params, concurrency: int) -> tuple[list[dict], float]:
@@ -67,7 +72,7 @@ def summarize(outs: list[dict], seconds: float, server: Server, spec: bool) -> d
 
 def bench(args) -> dict:
     model = convert(REPO / ".cache" / "models" / "smollm2-135m")
-    prompts = heldout_prompts(args.prompts)
+    prompts = heldout_prompts(args.prompts, args.drafter)
     params = {"temperature": 0.0, "max_new_tokens": args.max_new_tokens}
     results, outputs = {}, {}
     for mode, (options, env) in MODES.items():
@@ -111,9 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drafter", default=str(DEFAULT_DRAFTER))
     parser.add_argument("--block", type=int, default=8)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     parser.add_argument("--json", default=str(REPO / "bench" / "out" / "cpu_bench.json"))
     args = parser.parse_args()
     results = bench(args)

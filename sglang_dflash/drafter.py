@@ -106,6 +106,16 @@ class DFlashDrafter(nn.Module):
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.hf_config())
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> "DFlashDrafter":
+        """Fresh weights for training or tests: Normal(0, std) linears, unit norms."""
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+        return self
+
     # ------------------------------------------------------------- context side
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
         """Concatenated target features [N, K*H] -> context vectors [N, H]."""

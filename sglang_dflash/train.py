@@ -167,13 +167,8 @@ def init_drafter(config: DFlashConfig, target, seed: int) -> DFlashDrafter:
     """Normal(0, 0.02) linears, unit norms, and the drafter's final norm starts as the
     target's final norm: both feed the same lm_head."""
     torch.manual_seed(seed)
-    drafter = DFlashDrafter(config)
+    drafter = DFlashDrafter(config).init_weights(0.02)
     with torch.no_grad():
-        for name, param in drafter.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
         final_norm = _final_norm_weight(target)
         if final_norm is not None and final_norm.shape == drafter.norm.weight.shape:
             drafter.norm.weight.copy_(final_norm.float())

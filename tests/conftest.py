@@ -65,10 +65,9 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_random_drafter(models_dir, smollm2) -> Path:
-    from sglang_dflash.devmodels.tiny import build_random_drafter
-
-    return build_random_drafter(models_dir / "smollm2-random-drafter", target=smollm2, num_layers=1, block_size=16)
+def smollm2_drafter() -> Path:
+    """The trained drafter shipped in drafters/ (real acceptance on SmolLM2)."""
+    return REPO / "drafters" / "smollm2-135m-dflash"
 
 
 @pytest.fixture(scope="session")

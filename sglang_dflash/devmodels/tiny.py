@@ -141,11 +141,5 @@ def build_random_drafter(
     }
     config = DFlashConfig.from_dict(raw)
     torch.manual_seed(seed)
-    drafter = DFlashDrafter(config)
-    with torch.no_grad():
-        for name, p in drafter.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, init_std)
+    drafter = DFlashDrafter(config).init_weights(init_std)
     return save_drafter(drafter, out, dtype=getattr(torch, dtype))

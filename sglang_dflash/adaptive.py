@@ -171,7 +171,7 @@ class VerifyLengthPolicy:
     block_size: int
     fixed: Optional[int] = None
     adaptive: bool = True
-    explore: float = 0.02
+    explore: float = 0.005
     probe_every: int = 8
     optimism: float = 1.0
     seed: int = 0
@@ -204,12 +204,16 @@ class VerifyLengthPolicy:
             unmeasured = [length for length in self.buckets if (bucket, length) not in self.cost.cells]
             if unmeasured:
                 return unmeasured[0]
-        if self._rng.random() < self.explore:
-            return self._rng.choice(self.buckets)
         scores = self.scores(rids)
         best = max(scores.values())
         # Among near-ties prefer the shorter verify: same throughput, less waste.
-        return min(length for length, s in scores.items() if s >= best * (1 - 1e-9))
+        choice = min(length for length, s in scores.items() if s >= best * (1 - 1e-9))
+        if self._rng.random() < self.explore:
+            # Keep the acceptance estimate of the next positions fresh at the lowest
+            # price: one bucket longer than the choice, not a random (often full) block.
+            longer = [length for length in self.buckets if length > choice]
+            return longer[0] if longer else choice
+        return choice
 
     def observe(self, rids: Sequence[str], verify_len: int, num_accepted: Sequence[int], seconds: Optional[float]) -> None:
         for rid, accepted in zip(rids, num_accepted):

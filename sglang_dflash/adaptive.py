@@ -39,11 +39,10 @@ def batch_bucket(bs: int) -> int:
     return next((b for b in BATCH_BUCKETS if bs <= b), BATCH_BUCKETS[-1])
 
 
-def expected_tokens(alpha: np.ndarray, verify_len: int) -> float:
-    """Committed tokens per step when verifying ``verify_len`` nodes (bonus included)."""
-    if verify_len <= 1:
-        return 1.0
-    return 1.0 + float(np.cumprod(alpha[: verify_len - 1]).sum())
+def expected_tokens(alpha: np.ndarray, verify_len: int) -> np.ndarray:
+    """Committed tokens per step when verifying ``verify_len`` nodes (bonus included);
+    ``alpha`` [..., B-1] per-position acceptance -> [...]."""
+    return 1.0 + np.cumprod(alpha[..., : verify_len - 1], axis=-1).sum(axis=-1)
 
 
 @dataclass
@@ -107,14 +106,10 @@ class AcceptanceEstimator:
         return out
 
     def alpha(self, rid: str, optimism: float = 0.0) -> np.ndarray:
-        base = self.global_alpha(optimism)
-        r = self.requests.get(rid)
-        if r is None:
-            return base
-        return (r.hits + self.prior * base) / (r.trials + self.prior)
+        return self.alphas([rid], optimism)[0]
 
     def alphas(self, rids: Sequence[str], optimism: float = 0.0) -> np.ndarray:
-        """[len(rids), B-1] per-request estimates (vectorised ``alpha``)."""
+        """[len(rids), B-1] per-request estimates, shrunk towards the global one."""
         base = self.global_alpha(optimism)
         zeros = np.zeros_like(base)
         counts = [self.requests.get(rid) for rid in rids]
@@ -188,9 +183,10 @@ class VerifyLengthPolicy:
         """Expected committed tokens per second for each bucket."""
         bs = len(rids)
         alphas = self.acceptance.alphas(rids, self.optimism)  # [bs, B-1]
-        # tokens[L] = sum over requests of 1 + sum_{k < L} prod_{j <= k} alpha_j
-        cumulative = np.concatenate([np.zeros(1), np.cumprod(alphas, axis=1).sum(axis=0).cumsum()])
-        return {length: (bs + cumulative[length - 1]) / self.cost.predict(bs, length) for length in self.buckets}
+        return {
+            length: float(expected_tokens(alphas, length).sum()) / self.cost.predict(bs, length)
+            for length in self.buckets
+        }
 
     def choose(self, rids: Sequence[str]) -> int:
         if self.fixed is not None:

@@ -107,13 +107,13 @@ class DFlashDrafter(nn.Module):
         self.rotary = RotaryEmbedding(config.hf_config())
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> "DFlashDrafter":
-        """Fresh weights for training or tests: Normal(0, std) linears, unit norms."""
+    def init_weights(self, std: float = 0.02, generator: Optional[torch.Generator] = None) -> "DFlashDrafter":
+        """Fresh weights for training, tests and benchmarks: Normal(0, std) linears, unit norms."""
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, std)
+                param.normal_(0.0, std, generator=generator)
         return self
 
     # ------------------------------------------------------------- context side

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -275,7 +274,7 @@ class DFlashWorker(sg.BaseSpecWorker):
         self._clock.decode_started(len(rids), verify_len)
         if verify_len == 1:
             return self._plain_decode(batch, state, rids, sampled, on_publish)
-        with self.metrics.phase("draft") if verify_len > 1 else nullcontext():
+        with self.metrics.phase("draft"):
             proposal = self._propose(batch, state, verify_len, sampled)
         if use_tree:
             top = proposal.logits.float().log_softmax(dim=-1).topk(self.options.tree_topk, dim=-1)

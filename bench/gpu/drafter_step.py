@@ -88,14 +88,7 @@ def make_drafter(config: DFlashConfig, device: torch.device, dtype: torch.dtype)
     """Random weights (std 0.02, unit norms): timing does not depend on the values."""
     with torch.device(device):
         drafter = DFlashDrafter(config)
-    drafter = drafter.to(dtype).eval()
-    with torch.no_grad():
-        for name, p in drafter.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    return drafter
+    return drafter.to(dtype).eval().init_weights(0.02)
 
 
 def make_plan(batch: int, context: int, block: int, num_slots: int, device: torch.device) -> DraftAttnPlan:

@@ -467,6 +467,18 @@ def _graph(fn: Callable[[], Any]):
     return graph
 
 
+def _eager_vs_graph(fn: Callable[[], Any], eager_iters: int) -> dict:
+    """Median ms of ``fn`` run eagerly and replayed from a CUDA graph (or the error)."""
+    try:
+        row = {"eager_ms": round(_cuda_time(fn, iters=eager_iters), 3)}
+        graph = _graph(fn)
+        row["graph_ms"] = round(_cuda_time(graph.replay, iters=20), 3)
+        del graph
+        return row
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def verify_shaped_forward(deadline: float) -> list[dict]:
     """36 Qwen3-8B-shaped layers over ``batch x n`` new tokens attending to a 1024-token
     prefix + causal block; torch GEMMs and SDPA. A hardware reference for the verify step."""
@@ -521,14 +533,7 @@ def verify_shaped_forward(deadline: float) -> list[dict]:
                 logits = F.rms_norm(x, (h,), final_norm, 1e-6) @ lm_head.t()
                 out["ids"] = logits.argmax(-1)
 
-            row = {"batch": bs, "verify_len": n, "prefix_len": PREFIX_LEN}
-            try:
-                row["eager_ms"] = round(_cuda_time(forward, iters=5), 3)
-                graph = _graph(forward)
-                row["graph_ms"] = round(_cuda_time(graph.replay, iters=20), 3)
-                del graph
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"
+            row = {"batch": bs, "verify_len": n, "prefix_len": PREFIX_LEN, **_eager_vs_graph(forward, eager_iters=5)}
             rows.append(row)
             log(f"verify-shaped bs={bs} n={n}: {row}")
         del kv
@@ -556,10 +561,7 @@ def drafter_step(deadline: float) -> list[dict]:
     drafter = drafter.to_empty(device=dev)
     drafter.rotary = RotaryEmbedding(config.hf_config()).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in drafter.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=g)
-    drafter = drafter.to(dt).eval()
+    drafter = drafter.init_weights(0.02, generator=g).to(dt).eval()
     vocab, hidden = DRAFTER_8B["vocab_size"], DRAFTER_8B["hidden_size"]
     embed_w = torch.randn(vocab, hidden, device=dev, dtype=dt, generator=g) * 0.02
     lm_w = torch.randn(vocab, hidden, device=dev, dtype=dt, generator=g) * 0.02
@@ -589,15 +591,8 @@ def drafter_step(deadline: float) -> list[dict]:
         def step():
             out["tokens"] = proposer.propose(bonus, plan).tokens
 
-        row = {"batch": bs, "block": block, "context_len": PREFIX_LEN}
-        try:
-            with torch.inference_mode():
-                row["eager_ms"] = round(_cuda_time(step, iters=10), 3)
-                graph = _graph(step)
-                row["graph_ms"] = round(_cuda_time(graph.replay, iters=20), 3)
-                del graph
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
+        with torch.inference_mode():
+            row = {"batch": bs, "block": block, "context_len": PREFIX_LEN, **_eager_vs_graph(step, eager_iters=10)}
         rows.append(row)
         log(f"drafter step bs={bs}: {row}")
         del kv, proposer

@@ -17,7 +17,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.cpu_bench import DEFAULT_DRAFTER, REPO, heldout_prompts
+from bench.cpu_bench import DEFAULT_DRAFTER, REPO, chat_inputs, heldout_prompts
 from sglang_dflash.adaptive import batch_bucket, length_buckets
 from sglang_dflash.devmodels.smollm2 import convert
 from sglang_dflash.local_server import Server
@@ -26,7 +26,7 @@ from sglang_dflash.local_server import Server
 def measure(args) -> dict:
     model = convert(REPO / ".cache" / "models" / "smollm2-135m")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    prompts = heldout_prompts(max(sizes))
+    prompts = chat_inputs(model, heldout_prompts(max(sizes), args.drafter))
     params = {"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
     table: dict[int, dict[int, float]] = {b: {} for b in sizes}
     alpha = None

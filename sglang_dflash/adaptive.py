@@ -12,9 +12,10 @@ maximise expected committed tokens per second:
 where ``alpha_ij`` is request i's probability that block position j is accepted given
 the positions before it were (estimated online, per request and globally), and
 ``T(bs, L)`` is the measured wall time of a decode step (an online table with a
-least-squares fallback for unmeasured cells). Exploration keeps every bucket
-measured: every unmeasured length is probed once per batch-size bucket, then a small
-epsilon keeps the table fresh. Buckets keep the number of distinct verify shapes small (CUDA graphs).
+least-squares fallback for unmeasured cells). Exploration keeps the table honest:
+an unmeasured length is probed once per batch-size bucket when the fallback puts it
+near the best, and a small epsilon re-measures the next longer bucket. Buckets keep
+the number of distinct verify shapes small (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ class VerifyLengthPolicy:
     fixed: Optional[int] = None
     adaptive: bool = True
     explore: float = 0.005
+    explore_budget: float = 0.0005
     probe_every: int = 8
+    probe_margin: float = 0.8
     optimism: float = 1.0
     seed: int = 0
     acceptance: AcceptanceEstimator = field(init=False)
@@ -194,22 +197,42 @@ class VerifyLengthPolicy:
         if not self.adaptive:
             return self.block_size
         self._steps += 1
-        if self._steps % self.probe_every == 0:
-            # Measure each length at this batch size once; costs at most 1/probe_every of steps.
-            bucket = batch_bucket(len(rids))
-            unmeasured = [length for length in self.buckets if (bucket, length) not in self.cost.cells]
-            if unmeasured:
-                return unmeasured[0]
         scores = self.scores(rids)
         best = max(scores.values())
+        if self._steps % self.probe_every == 0:
+            probe = self._probe(len(rids), scores, best)
+            if probe is not None:
+                return probe
         # Among near-ties prefer the shorter verify: same throughput, less waste.
         choice = min(length for length, s in scores.items() if s >= best * (1 - 1e-9))
-        if self._rng.random() < self.explore:
-            # Keep the acceptance estimate of the next positions fresh at the lowest
-            # price: one bucket longer than the choice, not a random (often full) block.
-            longer = [length for length in self.buckets if length > choice]
-            return longer[0] if longer else choice
-        return choice
+        # Keep the acceptance estimate of the later positions fresh at the lowest price:
+        # the best-scoring length longer than the choice (only longer verifies measure
+        # further positions), at a rate that spends at most ``explore_budget`` of
+        # throughput (a runner-up at 60 % of the best is explored rarely, a near-tie often).
+        longer = [length for length in self.buckets if length > choice]
+        if not longer:
+            return choice
+        runner_up = max(longer, key=scores.__getitem__)
+        # Throughput lost by one such step, in steps of the choice: its shortfall in
+        # tokens/s times how much longer it runs.
+        slower = self.cost.predict(len(rids), runner_up) / self.cost.predict(len(rids), choice)
+        loss = (1.0 - scores[runner_up] / best) * slower if best > 0 else 1.0
+        rate = min(self.explore, self.explore_budget / max(loss, 1e-9))
+        return runner_up if self._rng.random() < rate else choice
+
+    def _probe(self, bs: int, scores: dict[int, float], best: float) -> Optional[int]:
+        """An unmeasured length at this batch size worth measuring, if any.
+
+        Costs at most 1/probe_every of steps, and only for lengths the fit (from other
+        batch sizes) puts within ``probe_margin`` of the best: a server meets every
+        new batch size once, and probing a full block at batch 32 when the fit already
+        prices it at 3x plain decode is pure loss.
+        """
+        bucket = batch_bucket(bs)
+        for length in self.buckets:
+            if (bucket, length) not in self.cost.cells and scores[length] >= self.probe_margin * best:
+                return length
+        return None
 
     def observe(self, rids: Sequence[str], verify_len: int, num_accepted: Sequence[int], seconds: Optional[float]) -> None:
         for rid, accepted in zip(rids, num_accepted):

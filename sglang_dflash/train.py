@@ -11,7 +11,8 @@ Recipe (DFlash paper, section 4; see ``train_objective`` for the objective):
    ``.cache/`` (:mod:`train_data`), so training never runs the target.
 3. The drafter (embedding and lm_head borrowed from the target, frozen) is trained
    on random anchored blocks with decay-weighted cross-entropy, AdamW, warmup +
-   cosine schedule and gradient clipping.
+   cosine schedule and gradient clipping. ``--init-from DIR`` starts from an
+   existing drafter instead, so a long run can be split into stages.
 4. Held-out acceptance (tau = tokens per target forward) is measured with a greedy
    speculative loop (:mod:`train_eval`), and the drafter is saved in the z-lab layout.
 """
@@ -71,6 +72,7 @@ class TrainArgs:
     seed: int = 0
     cache_dir: str = ".cache/dflash-train"
     save_dtype: str = "bfloat16"
+    init_from: Optional[str] = None
     progress: bool = True
 
 
@@ -173,6 +175,18 @@ def init_drafter(config: DFlashConfig, target, seed: int) -> DFlashDrafter:
         if final_norm is not None and final_norm.shape == drafter.norm.weight.shape:
             drafter.norm.weight.copy_(final_norm.float())
     return drafter
+
+
+def load_start_drafter(path: str | Path, config: DFlashConfig, device) -> DFlashDrafter:
+    """An existing drafter to continue from (fresh optimizer and schedule): it must be
+    the drafter this run would build, same shape, target layers, block and MASK."""
+    drafter = load_drafter(path, dtype=torch.float32, device=device)
+    have, want = drafter.config, config
+    keys = ("num_layers", "hidden_size", "intermediate_size", "target_layer_ids", "block_size", "mask_token_id")
+    diff = [f"{k} {getattr(have, k)} != {getattr(want, k)}" for k in keys if getattr(have, k) != getattr(want, k)]
+    if diff:
+        raise ValueError(f"--init-from {path} does not match this run's drafter: {'; '.join(diff)}")
+    return drafter.train()
 
 
 def loss_vocabulary(data: SequenceSet, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,7 +298,9 @@ def train(args: TrainArgs) -> TrainResult:
     raw = drafter_config_dict(target.config, num_layers=args.layers, target_layer_ids=layer_ids,
                               block_size=args.block_size, mask_token_id=mask_id,
                               intermediate_size=args.intermediate_size, dtype=args.save_dtype)
-    drafter = init_drafter(DFlashConfig.from_dict(raw), target, args.seed).to(device)
+    config = DFlashConfig.from_dict(raw)
+    drafter = (load_start_drafter(args.init_from, config, device) if args.init_from
+               else init_drafter(config, target, args.seed).to(device))
     stop_ids = stop_token_ids(target, tokenizer)
 
     def eval_fn(model: DFlashDrafter, count: int) -> AcceptStats:
@@ -311,7 +327,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
         if name in ("target", "out", "target_layer_ids", "progress"):
             continue
         flag = "--" + name.replace("_", "-")
-        kind = type(value) if value is not None else (float if name == "gamma" else int)
+        kind = type(value) if value is not None else {"gamma": float, "init_from": str}.get(name, int)
         parser.add_argument(flag, type=kind, default=value)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parsed = vars(parser.parse_args(argv))

@@ -95,3 +95,22 @@ def test_shorter_blocks_as_the_batch_grows():
 def test_fixed_and_disabled():
     assert VerifyLengthPolicy(8, fixed=3).choose(["a"]) == 3
     assert VerifyLengthPolicy(8, adaptive=False).choose(["a"]) == 8
+
+
+def test_new_batch_size_probes_only_lengths_the_fit_puts_near_the_best():
+    """At an unseen batch size, a length the cost fit already prices far below the best
+    is not probed (a full block at batch 32 would cost a 3x step for nothing)."""
+    policy = VerifyLengthPolicy(8, explore=0.0, probe_every=1)
+    for bs in (1, 2, 4, 8):
+        for length in policy.buckets:
+            policy.cost.observe(bs, length, cpu_like_cost(bs, length))
+    for _ in range(200):
+        policy.acceptance.observe("old", 8, 0)  # the drafter is rarely right
+    rids = [f"r{i}" for i in range(32)]
+    chosen = []
+    for _ in range(16):
+        length = policy.choose(rids)
+        chosen.append(length)
+        policy.observe(rids, length, [0] * len(rids), cpu_like_cost(len(rids), length))
+    assert set(chosen) == {1}, chosen
+    assert (32, 1) in policy.cost.cells and (32, 8) not in policy.cost.cells

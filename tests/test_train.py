@@ -263,3 +263,21 @@ def test_training_is_deterministic(tiny_target_dir, trained, tmp_path):
         result = train(again)
         states.append(load_drafter(result.path).state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_init_from_continues_an_existing_drafter(tiny_target_dir, trained, tmp_path):
+    """--init-from starts where the earlier run ended, not from random weights."""
+    args, result, _, _ = trained
+    more = tiny_args(tiny_target_dir, tmp_path / "more", Path(args.cache_dir), steps=4, num_heldout=1,
+                     eval_max_new_tokens=4, init_from=str(result.path))
+    continued = train(more)
+    fresh_start, trained_end = result.losses[0], sum(result.losses[-15:]) / 15
+    assert continued.losses[0] < 0.5 * (fresh_start + trained_end), (fresh_start, trained_end, continued.losses)
+
+
+def test_init_from_refuses_a_different_drafter(tiny_target_dir, trained, tmp_path):
+    args, result, _, _ = trained
+    other = tiny_args(tiny_target_dir, tmp_path / "other", Path(args.cache_dir), steps=2, num_heldout=1,
+                      block_size=BLOCK + 2, init_from=str(result.path))
+    with pytest.raises(ValueError, match=r"does not match this run's drafter: block_size"):
+        train(other)

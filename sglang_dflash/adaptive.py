@@ -182,14 +182,15 @@ class VerifyLengthPolicy:
         self._rng = random.Random(self.seed)
         self._steps = 0
 
-    def scores(self, rids: Sequence[str]) -> dict[int, float]:
+    def step_costs(self, bs: int) -> dict[int, float]:
+        """Predicted seconds per step for each bucket (one fit per decision)."""
+        return {length: self.cost.predict(bs, length) for length in self.buckets}
+
+    def scores(self, rids: Sequence[str], costs: Optional[dict[int, float]] = None) -> dict[int, float]:
         """Expected committed tokens per second for each bucket."""
-        bs = len(rids)
+        costs = costs or self.step_costs(len(rids))
         alphas = self.acceptance.alphas(rids, self.optimism)  # [bs, B-1]
-        return {
-            length: float(expected_tokens(alphas, length).sum()) / self.cost.predict(bs, length)
-            for length in self.buckets
-        }
+        return {length: float(expected_tokens(alphas, length).sum()) / costs[length] for length in self.buckets}
 
     def choose(self, rids: Sequence[str]) -> int:
         if self.fixed is not None:
@@ -197,7 +198,8 @@ class VerifyLengthPolicy:
         if not self.adaptive:
             return self.block_size
         self._steps += 1
-        scores = self.scores(rids)
+        costs = self.step_costs(len(rids))
+        scores = self.scores(rids, costs)
         best = max(scores.values())
         if self._steps % self.probe_every == 0:
             probe = self._probe(len(rids), scores, best)
@@ -215,7 +217,7 @@ class VerifyLengthPolicy:
         runner_up = max(longer, key=scores.__getitem__)
         # Throughput lost by one such step, in steps of the choice: its shortfall in
         # tokens/s times how much longer it runs.
-        slower = self.cost.predict(len(rids), runner_up) / self.cost.predict(len(rids), choice)
+        slower = costs[runner_up] / costs[choice]
         loss = (1.0 - scores[runner_up] / best) * slower if best > 0 else 1.0
         rate = min(self.explore, self.explore_budget / max(loss, 1e-9))
         return runner_up if self._rng.random() < rate else choice

@@ -19,9 +19,9 @@ export TOKENIZERS_PARALLELISM := false
 install:  ## CPU lane: CPU torch 2.13.0, sglang 0.5.23 (--no-deps) + explicit deps, this package (editable)
 	python3 -m venv $(VENV)
 	$(PIP) install -q -U pip 2>&1 | $(QUIET_PIP)
-	$(PIP) install -q -r requirements/cpu.txt 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q -r requirements/cpu.txt -c requirements/cpu-lock.txt 2>&1 | $(QUIET_PIP)
 	$(PIP) install -q --no-deps -r requirements/no-deps.txt 2>&1 | $(QUIET_PIP)
-	$(PIP) install -q -r requirements/test.txt 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q -r requirements/test.txt -c requirements/cpu-lock.txt 2>&1 | $(QUIET_PIP)
 	$(PIP) install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	$(PY) -m sglang_dflash.cpu_lane install
 	$(PY) -c "import sglang, sglang_dflash.sglang_compat as c; c.check_version(); print('sglang', sglang.__version__, 'ok')"

@@ -157,7 +157,8 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
     from sglang_dflash.cpu_lane import CPU_ENV, STUBS_DIR
 
     site = unpacked / "site"
-    bundle_check.abi_overlay(site)
+    overlay = bundle_check.abi_overlay(site, CACHE / "image-extra")
+    assert all(v.startswith("ok") for v in overlay.values()), overlay
     view = tmp_path / "image"
     bundle_check.image_view(view, exclude=bundle_check.bundle_dists(site))
     paths = [site, view, *bundle_check.image_extras(CACHE / "image-extra"), Path(STUBS_DIR)]
@@ -193,11 +194,7 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
         assert info["version"] == "0.5.23"
         assert (info.get("internal_states") or [{}])[0]["dflash"]["backend"] == "sglang-dflash"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        gpu_bench.stop_process_group(proc, wait=60)
 
 
 def _python312():

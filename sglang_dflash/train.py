@@ -11,8 +11,9 @@ Recipe (DFlash paper, section 4; see ``train_objective`` for the objective):
    ``.cache/`` (:mod:`train_data`), so training never runs the target.
 3. The drafter (embedding and lm_head borrowed from the target, frozen) is trained
    on random anchored blocks with decay-weighted cross-entropy, AdamW, warmup +
-   cosine schedule and gradient clipping. ``--init-from DIR`` starts from an
-   existing drafter instead, so a long run can be split into stages.
+   cosine schedule and gradient clipping. The drafter starts as the target's layer
+   after the deepest captured one (``--init``, :mod:`train_init`); ``--init-from DIR``
+   starts from an existing drafter instead, so a long run can be split into stages.
 4. Held-out acceptance (tau = tokens per target forward) is measured with a greedy
    speculative loop (:mod:`train_eval`), and the drafter is saved in the z-lab layout.
 """
@@ -33,6 +34,7 @@ from .config import DFlashConfig, default_target_layer_ids
 from .drafter import DFlashDrafter
 from .train_data import SequenceSet, build_sequences, cache_key, cached_sequences, encode_prompt, stop_token_ids
 from .train_eval import AcceptStats, evaluate
+from .train_init import INITS, init_drafter
 from .train_objective import block_loss, cosine_lr, default_gamma, loss_weights, make_batch
 from .train_prompts import build_prompts, split_prompts
 
@@ -73,6 +75,7 @@ class TrainArgs:
     cache_dir: str = ".cache/dflash-train"
     save_dtype: str = "bfloat16"
     init_from: Optional[str] = None
+    init: str = "auto"
     progress: bool = True
 
 
@@ -157,24 +160,6 @@ def drafter_config_dict(target_config, *, num_layers: int, target_layer_ids: Seq
             "block_size": block_size,
         },
     }
-
-
-def _final_norm_weight(target) -> Optional[torch.Tensor]:
-    decoder = target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
-    norm = getattr(decoder, "norm", None)
-    return getattr(norm, "weight", None)
-
-
-def init_drafter(config: DFlashConfig, target, seed: int) -> DFlashDrafter:
-    """Normal(0, 0.02) linears, unit norms, and the drafter's final norm starts as the
-    target's final norm: both feed the same lm_head."""
-    torch.manual_seed(seed)
-    drafter = DFlashDrafter(config).init_weights(0.02)
-    with torch.no_grad():
-        final_norm = _final_norm_weight(target)
-        if final_norm is not None and final_norm.shape == drafter.norm.weight.shape:
-            drafter.norm.weight.copy_(final_norm.float())
-    return drafter
 
 
 def load_start_drafter(path: str | Path, config: DFlashConfig, device) -> DFlashDrafter:
@@ -300,7 +285,7 @@ def train(args: TrainArgs) -> TrainResult:
                               intermediate_size=args.intermediate_size, dtype=args.save_dtype)
     config = DFlashConfig.from_dict(raw)
     drafter = (load_start_drafter(args.init_from, config, device) if args.init_from
-               else init_drafter(config, target, args.seed).to(device))
+               else init_drafter(config, target, args.seed, args.init).to(device))
     stop_ids = stop_token_ids(target, tokenizer)
 
     def eval_fn(model: DFlashDrafter, count: int) -> AcceptStats:
@@ -333,6 +318,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     parsed = vars(parser.parse_args(argv))
     if parsed["loss_vocab"] not in ("data", "full"):
         parser.error("--loss-vocab must be 'data' or 'full'")
+    if parsed["init"] not in INITS:
+        parser.error(f"--init must be one of {', '.join(INITS)}")
     return TrainArgs(**parsed)
 
 

@@ -18,6 +18,7 @@ from sglang_dflash.proposer import BlockProposer
 from sglang_dflash.train import TrainArgs, drafter_config_dict, init_drafter, load_target, train
 from sglang_dflash.train_data import SequenceSet, encode_prompt, stop_token_ids
 from sglang_dflash.train_eval import evaluate, speculative_generate
+from sglang_dflash.train_init import source_layer
 from sglang_dflash.train_objective import IGNORE, block_attention_mask, block_hidden, make_batch, sample_anchors
 from sglang_dflash.train_prompts import build_prompts, split_prompts
 
@@ -281,3 +282,51 @@ def test_init_from_refuses_a_different_drafter(tiny_target_dir, trained, tmp_pat
                       block_size=BLOCK + 2, init_from=str(result.path))
     with pytest.raises(ValueError, match=r"does not match this run's drafter: block_size"):
         train(other)
+
+
+# ------------------------------------------------------------------ warm start (--init)
+def _tiny_config(target, **overrides) -> DFlashConfig:
+    settings = dict(num_layers=1, target_layer_ids=[0, 2], block_size=BLOCK, mask_token_id=3)
+    settings.update(overrides)
+    return DFlashConfig.from_dict(drafter_config_dict(target.config, **settings))
+
+
+def test_warm_start_injects_the_targets_own_kv(tiny_target):
+    """With ``--init target`` the context K/V of a fresh drafter are the K/V the target's
+    layer after the deepest captured one computes (fc's small noise on the other
+    features' slices zeroed here): the +1 capture offset and the norms are wired right."""
+    target, _ = tiny_target
+    config = _tiny_config(target)
+    drafter = init_drafter(config, target, seed=0, how="target")
+    src = source_layer(config, target.config.num_hidden_layers)
+    assert src == 3
+    layer = target.model.layers[src]
+    assert torch.equal(drafter.layers[0].mlp.down_proj.weight, layer.mlp.down_proj.weight)
+    assert torch.equal(drafter.layers[0].self_attn.k_norm.weight, layer.self_attn.k_norm.weight)
+    hidden = config.hidden_size
+    noise = drafter.fc.weight[:, :hidden]
+    assert 0 < noise.abs().max() < 0.05  # other features start small, not silent
+    with torch.no_grad():
+        noise.zero_()
+        ids = torch.tensor([[5, 17, 42, 99, 7, 256]])
+        states = target(ids, output_hidden_states=True).hidden_states
+        features = torch.cat([states[i + 1][0] for i in config.target_layer_ids], dim=-1)
+        k, v = drafter.context_kv(features, torch.zeros(ids.shape[1], dtype=torch.long))  # position 0: no rotation
+        normed = layer.input_layernorm(states[src][0])
+        attn = layer.self_attn
+        want_k = attn.k_norm(attn.k_proj(normed).view(ids.shape[1], -1, attn.head_dim))
+        want_v = attn.v_proj(normed).view(ids.shape[1], -1, attn.head_dim)
+    torch.testing.assert_close(v[0], want_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k[0], want_k, atol=1e-5, rtol=1e-5)
+
+
+def test_warm_start_falls_back_or_refuses_on_another_shape(tiny_target):
+    target, _ = tiny_target
+    config = _tiny_config(target, intermediate_size=3 * target.config.hidden_size)
+    with pytest.raises(ValueError, match=r"--init target: target layer 3 does not match drafter layer 0 in down_proj"):
+        init_drafter(config, target, seed=0, how="target")
+    auto = init_drafter(config, target, seed=0, how="auto")
+    normal = init_drafter(config, target, seed=0, how="normal")
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), normal.state_dict().values()))
+    with pytest.raises(ValueError, match=r"--init must be one of auto, target, normal, not 'zeros'"):
+        init_drafter(config, target, seed=0, how="zeros")

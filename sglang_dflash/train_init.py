@@ -59,28 +59,28 @@ def warm_start_problem(config: DFlashConfig, target) -> Optional[str]:
     layers = _decoder_layers(target)
     if layers is None:
         return f"{type(target).__name__} exposes no decoder layers (model.layers)"
-    src = source_layer(config, len(layers))
-    for i, dst in enumerate(DFlashDrafter(config).layers):
-        have = _layer_tensors(layers[min(src + i, len(layers) - 1)])
-        want = _layer_tensors(dst)
+    for i, (src, dst) in enumerate(zip(source_layers(config, len(layers)), DFlashDrafter(config).layers)):
+        have, want = _layer_tensors(layers[src]), _layer_tensors(dst)
         if have is None:
-            return f"target layer {src + i} is not a q/k/v/o + gate/up/down decoder layer"
+            return f"target layer {src} is not a q/k/v/o + gate/up/down decoder layer"
         bad = [k for k in want if k not in _QK_NORMS and (k not in have or have[k].shape != want[k].shape)]
         if bad:
-            return f"target layer {src + i} does not match drafter layer {i} in {', '.join(sorted(bad))}"
+            return f"target layer {src} does not match drafter layer {i} in {', '.join(sorted(bad))}"
     return None
 
 
-def source_layer(config: DFlashConfig, num_target_layers: int) -> int:
-    """The target layer that reads the deepest captured feature."""
-    return min(max(config.target_layer_ids) + 1, num_target_layers - 1)
+def source_layers(config: DFlashConfig, num_target_layers: int) -> list[int]:
+    """Per drafter layer, the target layer it starts as: the one that reads the deepest
+    captured feature, then the layers after it (the last one repeated if they run out)."""
+    first = max(config.target_layer_ids) + 1
+    return [min(first + i, num_target_layers - 1) for i in range(config.num_layers)]
 
 
 def _warm_start(drafter: DFlashDrafter, target) -> None:
     layers = _decoder_layers(target)
-    src = source_layer(drafter.config, len(layers))
-    for i, dst in enumerate(drafter.layers):
-        have = _layer_tensors(layers[min(src + i, len(layers) - 1)])
+    sources = source_layers(drafter.config, len(layers))
+    for src, dst in zip(sources, drafter.layers):
+        have = _layer_tensors(layers[src])
         for name, tensor in _layer_tensors(dst).items():
             if name in have and have[name].shape == tensor.shape:
                 tensor.copy_(have[name].float())
@@ -89,12 +89,15 @@ def _warm_start(drafter: DFlashDrafter, target) -> None:
     fc = drafter.fc.weight
     fc.mul_(0.1)  # Normal(0, 0.002) on the other features' slices
     fc[:, deepest * hidden : (deepest + 1) * hidden] = torch.eye(hidden, dtype=fc.dtype)
-    drafter.hidden_norm.weight.copy_(_layer_tensors(layers[src])["input_layernorm"].float())
+    drafter.hidden_norm.weight.copy_(_layer_tensors(layers[sources[0]])["input_layernorm"].float())
+
+
+def _decoder(target) -> Optional[nn.Module]:
+    return target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
 
 
 def _decoder_layers(target) -> Optional[nn.ModuleList]:
-    decoder = target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
-    layers = getattr(decoder, "layers", None)
+    layers = getattr(_decoder(target), "layers", None)
     return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 
@@ -115,6 +118,4 @@ def _layer_tensors(layer: nn.Module) -> Optional[dict[str, torch.Tensor]]:
 
 
 def _final_norm_weight(target) -> Optional[torch.Tensor]:
-    decoder = target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
-    norm = getattr(decoder, "norm", None)
-    return getattr(norm, "weight", None)
+    return getattr(getattr(_decoder(target), "norm", None), "weight", None)

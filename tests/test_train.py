@@ -18,7 +18,7 @@ from sglang_dflash.proposer import BlockProposer
 from sglang_dflash.train import TrainArgs, drafter_config_dict, init_drafter, load_target, train
 from sglang_dflash.train_data import SequenceSet, encode_prompt, stop_token_ids
 from sglang_dflash.train_eval import evaluate, speculative_generate
-from sglang_dflash.train_init import source_layer
+from sglang_dflash.train_init import source_layers
 from sglang_dflash.train_objective import IGNORE, block_attention_mask, block_hidden, make_batch, sample_anchors
 from sglang_dflash.train_prompts import build_prompts, split_prompts
 
@@ -298,8 +298,8 @@ def test_warm_start_injects_the_targets_own_kv(tiny_target):
     target, _ = tiny_target
     config = _tiny_config(target)
     drafter = init_drafter(config, target, seed=0, how="target")
-    src = source_layer(config, target.config.num_hidden_layers)
-    assert src == 3
+    (src,) = source_layers(config, target.config.num_hidden_layers)
+    assert src == 3  # reads feature 2, the deepest captured
     layer = target.model.layers[src]
     assert torch.equal(drafter.layers[0].mlp.down_proj.weight, layer.mlp.down_proj.weight)
     assert torch.equal(drafter.layers[0].self_attn.k_norm.weight, layer.self_attn.k_norm.weight)

@@ -14,8 +14,9 @@ the positions before it were (estimated online, per request and globally), and
 ``T(bs, L)`` is the measured wall time of a decode step (an online table with a
 least-squares fallback for unmeasured cells). Exploration keeps the table honest:
 an unmeasured length is probed once per batch-size bucket when the fallback puts it
-near the best, and a small epsilon re-measures the next longer bucket. Buckets keep
-the number of distinct verify shapes small (CUDA graphs).
+near the best, and the best-scoring longer length is re-tried at a rate capped by the
+throughput it may cost (``explore_budget``). Buckets keep the number of distinct
+verify shapes small (CUDA graphs).
 """
 
 from __future__ import annotations

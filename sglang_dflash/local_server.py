@@ -51,6 +51,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, wait: float = 30) -> None:
+    """SIGTERM, then SIGKILL, a server's process group; quiet if it has already gone
+    (a server that died at start-up must not turn the report into ProcessLookupError)."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def cli_args(options: dict[str, Any]) -> list[str]:
     args: list[str] = []
     for key, value in options.items():
@@ -99,13 +116,8 @@ class Server:
         raise TimeoutError(f"server not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process_group(self.proc)
         self.proc = None
 
     def alive(self) -> bool:

@@ -26,7 +26,6 @@ import importlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -155,6 +154,7 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
     import requests
 
     from sglang_dflash.cpu_lane import CPU_ENV, STUBS_DIR
+    from sglang_dflash.local_server import free_port, stop_process_group
 
     site = unpacked / "site"
     overlay = bundle_check.abi_overlay(site, CACHE / "image-extra")
@@ -162,7 +162,7 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
     view = tmp_path / "image"
     bundle_check.image_view(view, exclude=bundle_check.bundle_dists(site))
     paths = [site, view, *bundle_check.image_extras(CACHE / "image-extra"), Path(STUBS_DIR)]
-    port = gpu_bench.free_port()
+    port = free_port()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
            "PYTHONPATH": os.pathsep.join(map(str, paths)), **CPU_ENV}
     cmd = [sys.executable, "-S", "-m", "sglang.launch_server", "--model-path", str(tiny_target), "--device", "cpu",
@@ -194,7 +194,7 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
         assert info["version"] == "0.5.23"
         assert (info.get("internal_states") or [{}])[0]["dflash"]["backend"] == "sglang-dflash"
     finally:
-        gpu_bench.stop_process_group(proc, wait=60)
+        stop_process_group(proc, wait=60)
 
 
 def _python312():

@@ -42,7 +42,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -226,29 +225,6 @@ def cmd_models(args) -> dict:
 
 
 # --------------------------------------------------------------------------------- server
-def stop_process_group(proc: subprocess.Popen, wait: float = 30) -> None:
-    """SIGTERM, then SIGKILL, a server's process group; quiet if it has already gone
-    (a server that died at start-up must not turn the report into ProcessLookupError)."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(mode: str, models: Path, port: int, extra: list[str]) -> tuple[list[str], dict]:
     cmd = [
         sys.executable, "-m", "sglang.launch_server",
@@ -326,6 +302,8 @@ class Server:
             return ""
 
     def stop(self) -> None:
+        from sglang_dflash.local_server import stop_process_group
+
         if self.proc is not None:
             stop_process_group(self.proc)
         self.proc = None
@@ -386,6 +364,8 @@ def throughput(url: str, concurrency: int, n_requests: int, deadline: float) -> 
 
 
 def cmd_serve(args) -> dict:
+    from sglang_dflash.local_server import free_port
+
     mode, models = args.mode, Path(args.models)
     deadline = time.time() + args.budget
     result: dict[str, Any] = {"mode": mode, "throughput": [], "errors": []}

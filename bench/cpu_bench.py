@@ -23,8 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sglang_dflash.devmodels.smollm2 import convert
-from sglang_dflash.local_server import Server
+from sglang_dflash.testing.devmodels.smollm2 import convert
+from sglang_dflash.testing.local_server import Server
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DRAFTER = REPO / "drafters" / "smollm2-135m-dflash"
@@ -39,7 +39,7 @@ MODES = {
 def heldout_prompts(n: int, drafter: Path = DEFAULT_DRAFTER) -> list[str]:
     """Prompts the drafter never saw: same generator and split as its training run,
     read from the ``train_report.json`` the trainer writes next to the weights."""
-    from sglang_dflash.train_prompts import build_prompts, split_prompts
+    from sglang_dflash.train.prompts import build_prompts, split_prompts
 
     report = Path(drafter) / "train_report.json"
     if not report.exists():
@@ -55,7 +55,7 @@ def chat_inputs(model: str, prompts: list[str]) -> list[list[int]]:
     client sends, and the distribution the drafter was distilled on."""
     from transformers import AutoTokenizer
 
-    from sglang_dflash.train_data import encode_prompt
+    from sglang_dflash.train.data import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     return [encode_prompt(tokenizer, p) for p in prompts]

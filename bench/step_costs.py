@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.cpu_bench import DEFAULT_DRAFTER, REPO, chat_inputs, heldout_prompts
-from sglang_dflash.adaptive import batch_bucket, length_buckets
-from sglang_dflash.devmodels.smollm2 import convert
-from sglang_dflash.local_server import Server
+from sglang_dflash.spec.adaptive import batch_bucket, length_buckets
+from sglang_dflash.testing.devmodels.smollm2 import convert
+from sglang_dflash.testing.local_server import Server
 
 
 def measure(args) -> dict:

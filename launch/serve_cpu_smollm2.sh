@@ -10,11 +10,11 @@ MODEL=${MODEL:-$repo/.cache/models/smollm2-135m}
 DRAFTER=${DRAFTER:-$repo/drafters/smollm2-135m-dflash}
 PORT=${PORT:-30000}
 export SGLANG_USE_CPU_ENGINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-[ -f "$MODEL/config.json" ] || "$PY" -m sglang_dflash.devmodels smollm2 "$MODEL"
+[ -f "$MODEL/config.json" ] || "$PY" -m sglang_dflash.testing.devmodels smollm2 "$MODEL"
 exec "$PY" -m sglang.launch_server \
   --model-path "$MODEL" \
   --speculative-algorithm DFLASH \
   --speculative-draft-model-path "$DRAFTER" \
   --device cpu --attention-backend torch_native --disable-cuda-graph --sleep-on-idle \
-  --dtype float32 --mem-fraction-static 0.05 --max-total-tokens 16384 \
+  --dtype float32 --mem-fraction-static 0.25 --max-total-tokens 16384 \
   --host 127.0.0.1 --port "$PORT" "$@"

@@ -2,7 +2,7 @@
 
 The patch is the source-level equivalent of the plugin's hooks, for users who prefer
 patching SGLang to installing an entry-point plugin: each edit inserts a call to the
-same ``sglang_dflash.sglang_compat`` entry point the corresponding hook calls, so the
+same ``sglang_dflash.host.entry`` entry point the corresponding hook calls, so the
 two ways of enabling the package cannot drift apart. Apply it from SGLang's
 site-packages folder with ``patch -p1 < sglang-0.5.23-dflash.patch``.
 
@@ -28,16 +28,27 @@ EDITS = [
         "            return platform_worker_cls\n",
         "\n"
         "        if self.is_dflash():\n"
-        "            from sglang_dflash.sglang_compat import dflash_worker_class\n"
+        "            from sglang_dflash.host.entry import dflash_worker_class\n"
         "\n"
         "            dflash_worker = dflash_worker_class()\n"
         "            if dflash_worker is not None:\n"
         "                return dflash_worker\n",
     ),
     (
+        "sglang/srt/speculative/spec_info.py",
+        "        future_map: FutureMap,\n"
+        "    ) -> Optional[SpecInput]:\n",
+        "        if self.is_dflash():\n"
+        "            from sglang_dflash.host.entry import dflash_disagg_draft_input\n"
+        "\n"
+        "            state = dflash_disagg_draft_input(batch, last_tokens_tensor, future_map)\n"
+        "            if state is not None:\n"
+        "                return state\n",
+    ),
+    (
         "sglang/srt/arg_groups/speculative_hook.py",
         "def _handle_dflash(server_args: ServerArgs) -> None:\n",
-        "    from sglang_dflash.sglang_compat import handle_dflash_server_args\n"
+        "    from sglang_dflash.host.entry import handle_dflash_server_args\n"
         "\n"
         "    if handle_dflash_server_args(server_args):\n"
         "        return\n",
@@ -49,7 +60,7 @@ EDITS = [
         ") -> None:\n"
         "    if spec_algorithm.is_dflash_family() and not is_draft_worker:\n"
         "        from sglang.srt.speculative.dflash_utils import parse_dflash_draft_config\n",
-        "        from sglang_dflash.sglang_compat import resolve_dflash_aux_hidden_state\n"
+        "        from sglang_dflash.host.entry import resolve_dflash_aux_hidden_state\n"
         "\n"
         "        if resolve_dflash_aux_hidden_state(\n"
         "            config=config,\n"
@@ -61,9 +72,23 @@ EDITS = [
         "            return\n",
     ),
     (
+        "sglang/srt/model_executor/model_runner_components/attention_backend_setup.py",
+        "    Must be called before CUDA graph capture so the captured graphs\n"
+        "    include aux hidden state output paths.\n"
+        '    """\n',
+        "    from sglang_dflash.host.entry import configure_dflash_capture\n"
+        "\n"
+        "    if (\n"
+        "        dflash_use_aux_hidden_state\n"
+        "        and not is_dspark\n"
+        "        and configure_dflash_capture(model, dflash_target_layer_ids)\n"
+        "    ):\n"
+        "        dflash_use_aux_hidden_state = False\n",
+    ),
+    (
         "sglang/srt/speculative/dflash_utils.py",
         "def validate_dflash_request(req: Req, enable_overlap: bool) -> Optional[str]:\n",
-        "    from sglang_dflash.sglang_compat import OURS, dflash_request_refusal, selected_backend\n"
+        "    from sglang_dflash.host.entry import OURS, dflash_request_refusal, selected_backend\n"
         "\n"
         "    if selected_backend() == OURS:\n"
         "        return dflash_request_refusal(req)\n",
@@ -83,10 +108,18 @@ EDITS = [
         None,  # replaced below: insert before the anchor's body instead
     ),
     (
+        "sglang/srt/model_executor/runner/decode_cuda_graph_runner.py",
+        "    def can_run_graph(self, forward_batch: ForwardBatch):\n",
+        "        from sglang_dflash.host.entry import verify_needs_eager\n"
+        "\n"
+        "        if verify_needs_eager(forward_batch):\n"
+        "            return False\n",
+    ),
+    (
         "sglang/srt/managers/scheduler_components/internal_state.py",
         "    def _add_speculative(self, state: Dict[str, Any]) -> None:\n"
         "        scheduler = self.scheduler\n",
-        "        from sglang_dflash.sglang_compat import add_dflash_state\n"
+        "        from sglang_dflash.host.entry import add_dflash_state\n"
         "\n"
         "        add_dflash_state(self, state)\n",
     ),
@@ -104,7 +137,7 @@ TORCH_NATIVE_INSERT = (
     "        save_kv_cache=True,\n"
     "    ):\n"
     "        if forward_batch.forward_mode.is_target_verify():\n"
-    "            from sglang_dflash.sglang_compat import torch_native_verify\n"
+    "            from sglang_dflash.host.entry import torch_native_verify\n"
     "\n"
     "            return torch_native_verify(self, q, k, v, layer, forward_batch, save_kv_cache)\n"
     "\n"

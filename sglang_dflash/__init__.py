@@ -7,5 +7,5 @@ interpreter start.
 
 __version__ = "0.1.0"
 
-# The one SGLang release this package's glue (``sglang_compat``) is written against.
+# The one SGLang release this package's host layer (``host/``) is written against.
 SGLANG_VERSION = "0.5.23"

@@ -2,7 +2,7 @@
 
 SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) needs ``sgl_kernel`` and ``torchvision``
 to import. Their PyPI builds do not load on a CPU-only torch, so the lane ships import
-stand-ins in ``cpu_stubs/`` and appends that folder to ``sys.path`` at interpreter start
+stand-ins in ``standins/`` and appends that folder to ``sys.path`` at interpreter start
 (via a ``.pth`` file written by ``sglang-dflash-cpu-lane install``). Appending, not
 prepending, means an installed real package always wins, so a GPU machine never sees
 the stand-ins; and nothing happens unless ``SGLANG_USE_CPU_ENGINE=1``.
@@ -16,7 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-STUBS_DIR = Path(__file__).resolve().parent / "cpu_stubs"
+STUBS_DIR = Path(__file__).resolve().parent / "standins"
 PTH_NAME = "sglang_dflash_cpu_lane.pth"
 PTH_LINE = "import sglang_dflash.cpu_lane as _l; _l.activate()\n"
 

@@ -1,7 +1,7 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``, name ``dflash``).
 
 SGLang calls :func:`register` in every process it starts, before the engine exists;
-all it does is hand the hooks of :mod:`sglang_compat` to SGLang's HookRegistry, so
+all it does is hand the hooks of :mod:`sglang_dflash.host.hooks` to SGLang's HookRegistry, so
 ``--speculative-algorithm DFLASH`` builds this package's worker. Set
 ``SGLANG_DFLASH_BACKEND=upstream`` for SGLang's built-in DFLASH, or
 ``SGLANG_PLUGINS`` without ``dflash`` to disable the plugin altogether.
@@ -9,6 +9,6 @@ all it does is hand the hooks of :mod:`sglang_compat` to SGLang's HookRegistry, 
 
 
 def register() -> None:
-    from . import sglang_compat
+    from .host import hooks
 
-    sglang_compat.install()
+    hooks.install()

@@ -18,8 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sglang_dflash.acceptance import greedy_chain_acceptance
-from sglang_dflash.rejection import chain_rejection_sample, one_hot_probs
+from sglang_dflash.spec.accept import chain_rejection_sample, greedy_chain_acceptance, one_hot_probs
 from tests.support.reference_spec import greedy_chain_reference, greedy_decode_reference, stop_truncate
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

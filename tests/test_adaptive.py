@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sglang_dflash.adaptive import (
+from sglang_dflash.spec.adaptive import (
     AcceptanceEstimator,
     StepCostModel,
     VerifyLengthPolicy,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sglang_dflash.config import (
+from sglang_dflash.model.config import (
     DFlashConfig,
     DFlashConfigError,
     capture_points,
@@ -94,7 +94,8 @@ def test_sliding_layers_follow_hf_semantics():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(architectures=["DFlash2DraftModel"]), "DFlash2 drafters (DFlash2DraftModel"),
+        (dict(architectures=["DFlash2DraftModel"]), "DFlash2DraftModel drafters need dflash_config.selector_rank"),
+        (dict(architectures=["DFlashLagunaForCausalLM"]), "Laguna DFlash drafters are not supported"),
         (dict(architectures=["LlamaForCausalLM"]), "unknown drafter architecture 'LlamaForCausalLM'"),
         (dict(architectures=[]), "has no 'architectures'"),
         (dict(dflash_config=None, block_size=None), "has no dflash_config"),

@@ -13,10 +13,9 @@ import json
 import pytest
 import torch
 
-from sglang_dflash.checkpoint import load_drafter, read_state_dict, save_drafter
-from sglang_dflash.config import DFlashConfigError, capture_points
-from sglang_dflash.draft_attention import DraftAttnPlan, TorchDraftAttention
-from sglang_dflash.draft_kv import DraftKVCache
+from sglang_dflash.model.checkpoint import load_drafter, read_state_dict, save_drafter
+from sglang_dflash.model.config import DFlashConfigError, capture_points
+from tests.support.drafting import run_block
 
 dflash_model = pytest.importorskip("dflash.model")
 TOL = 1e-4
@@ -53,25 +52,7 @@ def reference_drafter(tmp_path, *, layers=2, sliding=None, seed=0, block_size=16
 
 def run_ours(drafter, requests, block):
     """requests: list of (features [ctx, K*H], noise [B, H]) -> hidden [bs, B, H]."""
-    bs = len(requests)
-    ctx_lens = [f.shape[0] for f, _ in requests]
-    width = max(ctx_lens) + block
-    cache = DraftKVCache(num_layers=len(drafter.layers), num_slots=bs * width + 1, num_kv_heads=2, head_dim=16,
-                         dtype=torch.float32, device="cpu")
-    table = torch.zeros(bs + 1, width + 4, dtype=torch.int64)
-    # Scatter the slots so rows are neither contiguous nor aligned with positions.
-    table[1:, :width] = (torch.randperm(bs * width) + 1).view(bs, width)
-    for i, (feats, _) in enumerate(requests):
-        n = feats.shape[0]
-        half = n // 2  # inject in two chunks, as prefill then a verify step would
-        drafter.inject(cache, feats[:half], torch.arange(half), table[i + 1, :half])
-        drafter.inject(cache, feats[half:], torch.arange(half, n), table[i + 1, half:n])
-    plan = DraftAttnPlan.from_req_to_token(req_to_token=table, req_pool_indices=torch.arange(1, bs + 1),
-                                           prefix_lens=torch.tensor(ctx_lens), block_size=block, width=width)
-    attention = TorchDraftAttention(cache, drafter.config)
-    attention.bind(plan)
-    noise = torch.stack([n for _, n in requests]).reshape(bs * block, HIDDEN)
-    return drafter(noise, plan.q_positions.reshape(-1), attention).view(bs, block, HIDDEN)
+    return run_block(drafter, requests, block)
 
 
 def run_reference(ref, feats, noise):

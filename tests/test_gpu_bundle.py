@@ -42,10 +42,13 @@ sys.path.insert(0, str(GPU))
 import bundle_check  # noqa: E402
 import gpu_bench  # noqa: E402
 
+# Building the bundle (xz -9e) can take over half an hour on two busy cores.
+pytestmark = pytest.mark.timeout(5400)
+
 
 def _inputs_fingerprint() -> str:
     files = [GPU / "build_bundle.sh", GPU / "requirements-bundle.txt"]
-    files += sorted((GPU / "sgl_kernel_standin").rglob("*.py"))
+    files += sorted((REPO / "sglang_dflash" / "standins" / "sgl_kernel").rglob("*.py"))
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
@@ -117,7 +120,7 @@ def test_bundle_holds_the_server_path_files(unpacked):
         "flashinfer/data/csrc/norm.cu",
         "flashinfer/data/cutlass/include/cute/tensor.hpp",
         "tvm_ffi/lib/libtvm_ffi.so",
-        "sglang_dflash/worker.py",
+        "sglang_dflash/host/worker.py",
         "IPython/display.py",
     ]
     missing = [m for m in must if not (site / m).exists()]
@@ -154,7 +157,7 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
     import requests
 
     from sglang_dflash.cpu_lane import CPU_ENV, STUBS_DIR
-    from sglang_dflash.local_server import free_port, stop_process_group
+    from sglang_dflash.testing.local_server import free_port, stop_process_group
 
     site = unpacked / "site"
     overlay = bundle_check.abi_overlay(site, CACHE / "image-extra")
@@ -166,7 +169,7 @@ def test_bundle_serves_our_dflash_on_the_cpu_lane(unpacked, tiny_target, tiny_dr
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
            "PYTHONPATH": os.pathsep.join(map(str, paths)), **CPU_ENV}
     cmd = [sys.executable, "-S", "-m", "sglang.launch_server", "--model-path", str(tiny_target), "--device", "cpu",
-           "--attention-backend", "torch_native", "--disable-cuda-graph", "--mem-fraction-static", "0.05",
+           "--attention-backend", "torch_native", "--disable-cuda-graph", "--mem-fraction-static", "0.25",
            "--max-total-tokens", "8192", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", "--speculative-algorithm", "DFLASH",
            "--speculative-draft-model-path", str(tiny_drafter)]
@@ -235,7 +238,7 @@ def test_bundle_cp312_extensions_load_in_python312(unpacked, tmp_path):
 
 # ----------------------------------------------------------------- sgl_kernel stand-in
 def _standin():
-    path = str(GPU / "sgl_kernel_standin")
+    path = str(REPO / "sglang_dflash" / "standins")
     code = "import sys; sys.path.insert(0, sys.argv[1]); import sgl_kernel; print(sgl_kernel.__file__)"
     out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -280,40 +283,130 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-# -------------------------------------------------------------------------- gpu_bench
-def test_report_derives_tokens_per_second(tmp_path):
+# -------------------------------------------------------------------------- the lane
+def _eq_result(outputs, verify_cts=None, margins=None, **extra):
+    reqs = []
+    for i, ids in enumerate(outputs):
+        rec = {"output_ids": ids, "completion_tokens": len(ids), "verify_ct": (verify_cts or [None] * len(outputs))[i]}
+        if margins is not None:
+            rec["margins"] = margins[i]
+        reqs.append(rec)
+    return {"ok": True, "requests": reqs, **extra}
+
+
+def _speed_result(mode, step_ms, tau, graphs=None, path=None):
+    points = [{"concurrency": c, "requests": c, "wall_s": 1.0, "output_tokens": 100, "tokens_per_s": 100.0 + c,
+               "tau": tau, "step_ms": step_ms, "graphs": graphs} for c in (1, 8, 32)]
+    return {"ok": True, "mode": mode, "startup_s": 60, "throughput": points, "path": path, "options": {}}
+
+
+def test_plan_puts_correctness_before_speed_and_fits_one_call():
+    """Equality and the CUDA tests come before anything timed; timed phases run alone;
+    no phase may outlast one device call."""
+    names = list(gpu_bench.PHASES)
+    first_speed = names.index("models")
+    assert names[0] == "env"
+    assert all(names.index(n) < first_speed for n in names if n.startswith(("eq_", "tests_hd128")))
+    assert all(gpu_bench.PHASES[n].how == "excl" for n in names if n.startswith(("speed_", "micro", "drafter_kernel")))
+    assert all(p.gpu_cap <= 420 and p.cpu_cap <= 600 for p in gpu_bench.PHASES.values())
+    assert set(gpu_bench.TEST_SELECTIONS) == {n for n in names if n.startswith("tests_")}
+
+
+def test_report_compares_greedy_outputs_and_keeps_derived_figures_apart(tmp_path):
     results, out = tmp_path / "results", tmp_path / "out"
-    results.mkdir()
-
-    def serve(mode, step, tau, ids):
-        points = [{"concurrency": c, "requests": 2 * c, "wall_s": 1.0, "output_tokens": 100, "tokens_per_s": 100.0,
-                   "accept_length": tau, "step_ms_median": step, "latency_s_median": 1.0} for c in (1, 8, 32)]
-        gpu_bench.write_json(results / f"serve_{mode}.json", {
-            "ok": True, "mode": mode, "startup_s": 60, "throughput": points, "peak_gpu_mem_mib": 70000,
-            "server_info": {"max_total_num_tokens": 100000}, "greedy_output_ids": ids, "errors": []})
-
-    ref = [[1, 2, 3], [4, 5, 6]]
-    serve("nospec", 10.0, 1.0, ref)
-    serve("ours", 20.0, 1.0, [[1, 2, 3], [4, 9, 6]])
-    serve("upstream", 25.0, 1.0, ref)
-    gpu_bench.write_json(results / "micro.json", {"ok": True, "verify_shaped": [
-        {"batch": 1, "verify_len": 16, "eager_ms": 9.0, "graph_ms": 6.0}], "drafter_step": [
-        {"batch": 1, "eager_ms": 3.0, "graph_ms": 1.0}]})
-    assert gpu_bench.main(["report", "--results", str(results), "--out", str(out)]) == 0
+    ref = [[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]]
+    write = lambda name, data: gpu_bench.write_json(results / f"{name}.json", data)  # noqa: E731
+    write("env", {"ok": True, "gpu": "NVIDIA H200", "pair": {"block_size": 8, "drafter_heldout_tau": 6.5}})
+    write("eq_bf16_nospec", _eq_result(ref, margins=[[2.0] * 4, [2.0, 0.01, 2.0, 2.0], [2.0] * 4]))
+    write("eq_bf16_ours", _eq_result([[5, 6, 7, 8], [1, 7, 3, 4], [9, 9, 9, 9]], [2, 3, 1], tau=2.4))
+    write("eq_bf16_upstream", _eq_result([[5, 6, 7, 8], [1, 7, 3, 4], [9, 9, 9, 9]], [2, 2, 1], tau=2.6))
+    write("eq_fp32_nospec", _eq_result(ref))
+    write("eq_fp32_ours", _eq_result(ref, [2, 2, 1], tau=2.4))
+    path = {"drafter_attention": "flashinfer", "drafter_graphs": {"batch_sizes": [1, 2], "reason": None},
+            "drafter_graph_steps": {"graph": 7, "eager": 3}, "target_graph_by_verify_len": {"16": {"graph": 9, "eager": 0}},
+            "plain_decode": "one-node verify"}
+    graphs = {"target_by_verify_len": {"16": {"graph": 5, "eager": 0}}, "drafter": {"graph": 4, "eager": 1}}
+    write("speed_nospec", _speed_result("nospec", 10.0, None))
+    write("speed_fixed", _speed_result("fixed", 20.0, 1.1, graphs, path))
+    write("speed_upstream", _speed_result("upstream", 25.0, 1.0))
+    gpu_bench.report(results, out)
     md = (out / "gpu_results.md").read_text()
     summary = json.loads((out / "gpu_results.json").read_text())
-    ours_c8 = next(r for r in summary["derived"] if r["mode"] == "ours" and r["concurrency"] == 8)
-    assert ours_c8["tps_tau_6.5"] == pytest.approx(8 * 6.5 / 0.020, rel=1e-3)
-    assert ours_c8["speedup_tau_6.5"] == pytest.approx((8 * 6.5 / 0.020) / (8 / 0.010), rel=1e-2)
-    assert summary["greedy"]["ours"]["exact"] == 1 and summary["greedy"]["ours"]["first_divergences"] == [1]
-    assert summary["greedy"]["upstream"]["exact"] == 2
-    assert "| ours | 60 | 8 |" in md and "Greedy equality" in md
+
+    eq = summary["equality"]
+    vs_upstream = eq["bf16: ours (full blocks) vs upstream DFLASH"]
+    assert vs_upstream["identical"] == 3 and vs_upstream["identical_verify_counts"] == 2
+    vs_nospec = eq["bf16: ours (full blocks) vs no-spec"]
+    assert vs_nospec["identical"] == 2 and vs_nospec["divergences"] == [{"prompt": 1, "at": 1, "margin": 0.01}]
+    assert vs_nospec["token_match_rate"] == pytest.approx(9 / 12, abs=1e-4)
+    assert eq["fp32: ours (full blocks) vs no-spec"]["identical"] == 3
+    assert "| bf16: ours (full blocks) vs upstream DFLASH | 3 | 3 | 2 (#1: 2 vs 3) |" in md
+
+    fixed_c8 = next(r for r in summary["derived"] if r["mode"] == "fixed" and r["concurrency"] == 8)
+    assert fixed_c8["tps_6.5"] == pytest.approx(8 * 6.5 / 0.020, rel=1e-3)
+    assert fixed_c8["x_6.5"] == pytest.approx((8 * 6.5 / 0.020) / (8 / 0.010), rel=1e-3)
+    measured, derived = md.split("## DERIVED, NOT MEASURED")
+    assert "2600" not in measured and "2600" in derived  # 8 x 6.5 / 20 ms appears only in the derived table
+    assert "| fixed | 8 | 108.0 | 20.0 | 1.1 | target 16: 5/0; drafter 4/1 |" in measured
+    assert "steps 7/3" in measured  # the drafter's eager fallbacks are reported, not hidden
 
 
-def test_models_config_is_a_valid_8b_drafter(tmp_path):
-    from sglang_dflash.config import DFlashConfig
+def _rehearse(tmp_path, *phases, budget=None):
+    env = {**os.environ, "GPU_LANE_DRYRUN": "1", "GPU_LANE_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+           "GPU_LANE_PREVIOUS": str(tmp_path / "none.json")}
+    if budget is not None:
+        env["GPU_LANE_BUDGET_S"] = str(budget)
+    proc = subprocess.run(["bash", str(GPU / "run_all.sh"), *phases], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, tmp_path / "out"
 
+
+def test_rehearsal_skips_what_the_budget_cannot_hold_and_still_reports(tmp_path):
+    """run_all.sh on CPU with no budget left for any phase: nothing starts, and $OUT
+    still gets a report that says so, the logs and the run log."""
+    log, out = _rehearse(tmp_path, "micro", budget=40)
+    assert "micro: not started, budget spent" in log
+    assert {"gpu_results.md", "gpu_results.json", "logs.tar.gz", "run_all.log"} <= {p.name for p in out.iterdir()}
+    assert "| micro | not run |" in (out / "gpu_results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def pair_dir() -> Path:
+    """The lane's equality pair (bench/gpu/pair.py), built once and cached under .cache/."""
+    import pair
+
+    return pair.cached(REPO / ".cache" / "gpu-pair")
+
+
+@pytest.mark.slow
+def test_pair_accepts_and_rehearsal_proves_fp32_equality(tmp_path, pair_dir, monkeypatch):
+    """The lane's fp32 equality phases, rehearsed on CPU servers with the pair the device
+    gets: ours (full blocks) emits exactly no-spec's tokens, speculation really commits
+    several tokens per verify (tau well above 1), and the report says which path ran."""
+    monkeypatch.setenv("GPU_LANE_PAIR", str(pair_dir))
+    log, out = _rehearse(tmp_path, "env", "eq_fp32_nospec", "eq_fp32_ours")
+    summary = json.loads((out / "gpu_results.json").read_text())
+    phases = summary["phases"]
+    assert all(phases[n]["ok"] for n in ("env", "eq_fp32_nospec", "eq_fp32_ours")), log[-3000:]
+    same = summary["equality"]["fp32: ours (full blocks) vs no-spec"]
+    assert same["prompts"] == gpu_bench.CPU_LANE.eq_prompts and same["identical"] == same["prompts"], same
+    ours = phases["eq_fp32_ours"]
+    assert ours["tau"] > 3.0, ours["tau"]
+    assert ours["path"]["drafter_attention"] == "torch" and ours["path"]["drafter_graph_steps"]["graph"] == 0
+    assert ours["path"]["target_graph_by_verify_len"]["8"]["eager"] > 0
+    assert "| fp32: ours (full blocks) vs no-spec |" in (out / "gpu_results.md").read_text()
+
+
+def test_models_config_is_a_valid_8b_drafter():
+    from sglang_dflash.model.config import DFlashConfig
+
+    for lane in (gpu_bench.GPU_LANE, gpu_bench.CPU_LANE):
+        config = DFlashConfig.from_dict(lane.drafter)
+        target = lane.target
+        config.validate_target(hidden_size=target["hidden_size"], vocab_size=target["vocab_size"],
+                               num_layers=target["num_hidden_layers"])
+        assert config.head_dim == target["head_dim"] == 128
     config = DFlashConfig.from_dict(gpu_bench.DRAFTER_8B)
-    config.validate_target(hidden_size=4096, vocab_size=151936, num_layers=36)
     assert config.capture_points() == [2, 10, 18, 26, 34]
     assert config.block_size == 16 and config.mask_token_id == 151669 and config.num_layers == 5

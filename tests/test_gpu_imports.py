@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from sglang_dflash.config import DFlashConfig
-from sglang_dflash.draft_attention import DraftAttnPlan, TorchDraftAttention
-from sglang_dflash.draft_kv import DraftKVCache
-from sglang_dflash.drafter import DFlashDrafter
-from sglang_dflash.proposer import BlockProposer
+from sglang_dflash.model.config import DFlashConfig
+from sglang_dflash.model.draft_attention import DraftAttnPlan, TorchDraftAttention
+from sglang_dflash.model.draft_kv import DraftKVCache
+from sglang_dflash.model.drafter import DFlashDrafter
+from sglang_dflash.spec.proposer import BlockProposer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,19 +214,63 @@ def test_fused_inject_without_cuda_is_the_reference_and_matches_drafter():
     torch.testing.assert_close(actual.v, expected.v, rtol=1e-5, atol=1e-5)
 
 
-def test_graphed_proposer_without_graphs_is_the_eager_proposer():
-    """No bucket captured (or batch above the largest): propose == BlockProposer.propose."""
+class _ReplayOnCPU:
+    """What a CUDA graph's replay does, on CPU: re-run the captured body (``_step``) on
+    the static input buffers and write its results into the static outputs."""
+
+    def __init__(self, graphed, bucket: int, logits: torch.Tensor, drafts: torch.Tensor) -> None:
+        self.graphed, self.bucket, self.logits, self.drafts = graphed, bucket, logits, drafts
+        self.replays = 0
+
+    def replay(self) -> None:
+        logits, drafts = self.graphed._step(self.bucket)
+        self.logits.copy_(logits)
+        self.drafts.copy_(drafts)
+        self.replays += 1
+
+
+def _emulate_capture(graphed, buckets) -> dict:
+    from sglang_dflash.gpu.cuda_graph import _Captured
+
+    replayers = {}
+    for bucket in buckets:
+        plan = graphed._fill_padding(0, bucket, kv_slots=None, kv_lens=None)  # as _capture_one binds it
+        graphed.attention.bind(plan, kv_lens_cpu=torch.full((bucket,), graphed.block_size), graph=True)
+        with torch.no_grad():
+            logits, drafts = graphed._step(bucket)  # the static outputs' shapes, as capture leaves them
+        replayers[bucket] = _ReplayOnCPU(graphed, bucket, torch.full_like(logits, float("nan")), torch.full_like(drafts, -1))
+        graphed.graphs[bucket] = _Captured(graph=replayers[bucket], logits=replayers[bucket].logits,
+                                           drafts=replayers[bucket].drafts)
+    return replayers
+
+
+def test_graphed_proposer_replay_matches_the_eager_proposer():
+    """The replay path -- static inputs filled from the batch, padding rows up to the
+    bucket, the bucket's outputs sliced back -- drafts what the eager proposer drafts;
+    a batch above the largest bucket falls back to the eager proposer."""
     from sglang_dflash.gpu import GraphedProposer
 
     config = drafter_config()
     cache = random_cache(config, 64)
     proposer = _proposer(config, _GraphShapedTorchAttention(cache, config, (1, 2, 4)))
     graphed = GraphedProposer(proposer, batch_sizes=(1, 2, 4))
-    plan = random_plan([5, 0, 9], config.block_size, 64)
-    bonus = torch.tensor([3, 17, 40])
+    replayers = _emulate_capture(graphed, (2, 4))
+    for prefixes, bonus, bucket in (([5, 0, 9], [3, 17, 40], 4), ([12, 2], [8, 61], 2)):
+        plan = random_plan(prefixes, config.block_size, 64, seed=len(prefixes))
+        bonus = torch.tensor(bonus)
+        with torch.no_grad():
+            expected = proposer.propose(bonus, plan)
+            replays = replayers[bucket].replays
+            actual = graphed.propose(bonus, plan)
+        assert replayers[bucket].replays == replays + 1 and graphed.bucket_for(len(prefixes)) == bucket
+        assert torch.equal(actual.tokens, expected.tokens)
+        torch.testing.assert_close(actual.logits, expected.logits)
+
+    plan = random_plan([3, 1, 4, 1, 5], config.block_size, 64, seed=5)
+    bonus = torch.tensor([1, 2, 3, 4, 5])
     with torch.no_grad():
-        expected = proposer.propose(bonus, plan)
-        actual = graphed.propose(bonus, plan)
+        expected, actual = proposer.propose(bonus, plan), graphed.propose(bonus, plan)
+    assert graphed.bucket_for(5) is None and sum(r.replays for r in replayers.values()) == 2
     assert torch.equal(actual.tokens, expected.tokens)
     torch.testing.assert_close(actual.logits, expected.logits)
 

@@ -10,7 +10,8 @@
   injection at the right slots and positions, the block and its mask.
 
 Both use a drafter distilled from the tiny target, so drafts are really accepted, and
-a fixed block (no adaptive verify length) to match the references' step structure.
+a fixed block (no adaptive verify length) to match the references' step structure;
+SGLang's own DFLASH is also compared on a distilled DFlash2 drafter.
 """
 
 from __future__ import annotations
@@ -20,23 +21,21 @@ import time
 import pytest
 import torch
 
-from tests.support.configs import tiny_spec
+from tests.support.configs import FULL_BLOCKS, tiny_full_blocks, tiny_spec
 from tests.support.prompts import token_prompts
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 48, "ignore_eos": True}
 
 
-def fixed_block(server_opts: dict) -> dict:
-    return {**server_opts, "no-speculative-dflash-adaptive": True}
+UPSTREAM = {"SGLANG_DFLASH_BACKEND": "upstream"}
 
 
-def assert_same_drafts_as_upstream(servers, target, drafter, prompts, *, page: int) -> int:
-    """Ours (full blocks) and upstream: same tokens and, request by request, the same
-    verify steps and histogram of accepted drafts. Returns the drafts accepted."""
-    common = {"model-path": target, "speculative-algorithm": "DFLASH", "speculative-draft-model-path": drafter,
-              "speculative-num-draft-tokens": 8, "page-size": page}
-    ours = servers.get(fixed_block(common))
-    upstream = servers.get(common, env={"SGLANG_DFLASH_BACKEND": "upstream"})
+def assert_same_drafts_as_upstream(servers, options: dict, prompts) -> int:
+    """Ours (whole blocks) and upstream on the same ``options``: same tokens and, request
+    by request, the same verify steps and histogram of accepted drafts. Returns the
+    drafts accepted."""
+    ours = servers.get({**options, **FULL_BLOCKS})
+    upstream = servers.get(options, env=UPSTREAM)
     assert ours.dflash_state()["backend"] == "sglang-dflash"
     assert upstream.dflash_state()["backend"] == "upstream"
     got, want = ours.generate(prompts, GREEDY), upstream.generate(prompts, GREEDY)
@@ -51,16 +50,28 @@ def assert_same_drafts_as_upstream(servers, target, drafter, prompts, *, page: i
 
 
 def test_same_drafts_as_upstream(servers, tiny_target, trained_tiny_drafter):
-    assert_same_drafts_as_upstream(servers, tiny_target, trained_tiny_drafter,
-                                   token_prompts(16, vocab_size=512, seed=21), page=1)
+    assert_same_drafts_as_upstream(servers, tiny_spec(tiny_target, trained_tiny_drafter),
+                                   token_prompts(16, vocab_size=512, seed=21))
+
+
+@pytest.mark.slow
+def test_dflash2_drafter_drafts_the_same_as_upstream(servers, tiny_target, trained_tiny_dflash2_drafter):
+    """A DFlash2 drafter (block convolutions, candidate selector): SGLang's own DFLASH
+    walks the same greedy selector paths, so every request's verify steps and accepted
+    histogram are equal."""
+    accepted = assert_same_drafts_as_upstream(servers, tiny_spec(tiny_target, trained_tiny_dflash2_drafter),
+                                              token_prompts(16, vocab_size=512, seed=21))
+    print(f"\nDFlash2 drafter: {accepted} drafts accepted over 16 requests x 48 tokens, as upstream")
 
 
 @pytest.mark.slow
 def test_shipped_smollm2_drafter_drafts_the_same_in_upstream(servers, smollm2, smollm2_drafter):
     """The shipped checkpoint loads in SGLang's own DFLASH, which drafts what ours drafts."""
-    from sglang_dflash.train_prompts import build_prompts
+    from sglang_dflash.train.prompts import build_prompts
 
-    assert_same_drafts_as_upstream(servers, smollm2, smollm2_drafter, build_prompts(8, seed=3), page=16)
+    options = {"model-path": smollm2, "speculative-algorithm": "DFLASH", "speculative-draft-model-path": smollm2_drafter,
+               "speculative-num-draft-tokens": 8, "page-size": 16}
+    assert_same_drafts_as_upstream(servers, options, build_prompts(8, seed=3))
 
 
 def test_acceptance_matches_zlab_reference(servers, tiny_target, trained_tiny_drafter, monkeypatch):
@@ -70,8 +81,12 @@ def test_acceptance_matches_zlab_reference(servers, tiny_target, trained_tiny_dr
 
     target = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
     reference = dflash_model.DFlashDraftModel.from_pretrained(str(trained_tiny_drafter), dtype=torch.float32).eval()
-    ours = servers.get(fixed_block(tiny_spec(tiny_target, trained_tiny_drafter)))
-    prompts = token_prompts(6, vocab_size=512, seed=5)
+    ours = servers.get(tiny_full_blocks(tiny_target, trained_tiny_drafter))
+    # Prompts on which the reference accepts whole blocks (7 drafts) at some steps, not
+    # only single drafts: otherwise a pipeline that drafts fewer tokens per block, or
+    # drafts deep positions wrongly, would match step for step.
+    prompts = token_prompts(6, vocab_size=512, seed=67)
+    accepted, deepest = 0, 0
     for prompt in prompts:
         out = ours.generate_one(prompt, GREEDY)
         stats = dflash_model.dflash_generate(
@@ -82,5 +97,12 @@ def test_acceptance_matches_zlab_reference(servers, tiny_target, trained_tiny_dr
         assert out["output_ids"] == ref_tokens
         ours_steps = out["meta_info"]["spec_dflash_accepted_per_step"]
         ref_steps = [n - 1 for n in stats.acceptance_lengths]
-        # The last step may be cut by max_new_tokens differently; compare all full steps.
-        assert ours_steps[:-1] == ref_steps[: len(ours_steps) - 1], (ours_steps, ref_steps)
+        # Step for step, as many steps. The last step commits the tokens left: the
+        # reference counts them minus one (its bonus), ours counts a step cut before its
+        # bonus as all drafts.
+        assert len(ours_steps) == len(ref_steps) and ours_steps[:-1] == ref_steps[:-1], (ours_steps, ref_steps)
+        assert ours_steps[-1] - ref_steps[-1] in (0, 1), (ours_steps, ref_steps)
+        accepted += sum(ours_steps)
+        deepest = max(deepest, *ref_steps[:-1])
+    assert accepted >= len(prompts), f"only {accepted} drafts accepted: the comparison would be vacuous"
+    assert deepest == 7, f"the reference never accepted a whole block (deepest {deepest}): deep drafts went unchecked"

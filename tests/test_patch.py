@@ -36,28 +36,33 @@ def test_patch_is_regenerated_from_current_hooks():
 
 
 @pytest.mark.slow
-def test_patched_sglang_without_plugin(tmp_path, tiny_target, tiny_drafter):
+def test_patched_sglang_without_plugin(tmp_path, tiny_target, trained_tiny_drafter):
     """A patched copy of SGLang, with the entry-point plugin switched off, serves DFLASH
-    with our worker and matches plain decoding."""
-    from sglang_dflash.local_server import Server
+    with our worker and matches plain decoding, drafts accepted (whole blocks)."""
+    from sglang_dflash.testing.local_server import Server
+    from tests.support.prompts import token_prompts
 
     site = tmp_path / "site"
     shutil.copytree(site_packages() / "sglang", site / "sglang", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["patch", "-p1", "-i", str(PATCH)], cwd=site, check=True, capture_output=True)
-    env = {"PYTHONPATH": f"{site}{os.pathsep}{REPO}", "SGLANG_PLUGINS": "no-such-plugin"}
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{REPO}", "SGLANG_PLUGINS": "no-such-plugin", "SGLANG_DFLASH_ADAPTIVE": "0"}
+    prompts, params = token_prompts(4, vocab_size=512, seed=9), {"temperature": 0, "max_new_tokens": 40}
     server = Server(
-        options={"model-path": tiny_target, "speculative-algorithm": "DFLASH", "speculative-draft-model-path": tiny_drafter},
+        options={"model-path": tiny_target, "speculative-algorithm": "DFLASH",
+                 "speculative-draft-model-path": trained_tiny_drafter},
         env=env,
     ).start()
     try:
         state = server.dflash_state()
-        assert state["backend"] == "sglang-dflash"
-        got = server.generate([[5, 17, 99, 3], [200, 7]], {"temperature": 0, "max_new_tokens": 16})
+        assert state["backend"] == "sglang-dflash" and state["options"]["adaptive"] is False
+        got = server.generate(prompts, params)
+        accepted = server.dflash_state()["stats"]["accepted_drafts"]  # a fresh server: these requests' own
     finally:
         server.stop()
     plain = Server(options={"model-path": tiny_target}).start()
     try:
-        want = plain.generate([[5, 17, 99, 3], [200, 7]], {"temperature": 0, "max_new_tokens": 16})
+        want = plain.generate(prompts, params)
     finally:
         plain.stop()
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert accepted > 0, "no draft accepted: plain decoding was compared"

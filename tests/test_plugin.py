@@ -18,9 +18,10 @@ import pytest
 import requests
 
 from sglang_dflash.cpu_lane import CPU_ENV
-from tests.support.configs import tiny_plain, tiny_spec
+from tests.support.configs import tiny_full_blocks, tiny_plain, tiny_spec
+from tests.support.equivalence import activity_since, worker_stats
 from tests.support.prompts import token_prompts
-from sglang_dflash.local_server import CPU_ARGS, cli_args
+from sglang_dflash.testing.local_server import CPU_ARGS, cli_args
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 24}
 
@@ -40,16 +41,20 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
-def test_launch_server_uses_our_worker(servers, tiny_target, tiny_drafter):
-    server = servers.get(tiny_spec(tiny_target, tiny_drafter))
+def test_launch_server_uses_our_worker(servers, tiny_target, trained_tiny_drafter):
+    server = servers.get(tiny_full_blocks(tiny_target, trained_tiny_drafter))
     state = server.dflash_state()
     assert state["backend"] == "sglang-dflash" and state["worker"] == "DFlashWorker"
-    assert state["block_size"] == 8 and state["drafter"]["layers"] == 2
+    assert state["block_size"] == 8 and state["drafter"]["layers"] == 1
     info = server.server_info()
     assert info["speculative_algorithm"] == "DFLASH" and info["speculative_num_draft_tokens"] == 8
 
+    before = worker_stats(server)
     out = server.generate_one("The quick brown fox", GREEDY)
-    assert out["meta_info"]["completion_tokens"] == 24 and out["meta_info"]["spec_verify_ct"] > 0
+    # Our worker ran the steps: its own step counter moved by one per decode step
+    # (SGLang's spec_verify_ct would count any worker's steps).
+    steps = activity_since(server, before).steps_by_verify_len
+    assert out["meta_info"]["completion_tokens"] == 24 and steps == {8: len(out["meta_info"]["spec_dflash_accepted_per_step"])}
     completion = requests.post(
         f"{server.url}/v1/completions",
         json={"model": "x", "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0},
@@ -58,17 +63,19 @@ def test_launch_server_uses_our_worker(servers, tiny_target, tiny_drafter):
     assert completion["choices"][0]["text"] == out["text"]
 
 
-def test_upstream_backend_switch(servers, tiny_target, tiny_drafter):
+def test_upstream_backend_switch(servers, tiny_target, trained_tiny_drafter):
     """SGLANG_DFLASH_BACKEND=upstream runs SGLang's own DFLASH (its CPU refusals lifted)
     and it is lossless too, which makes it a usable oracle."""
-    upstream = servers.get(dflash_options(tiny_target, tiny_drafter), env={"SGLANG_DFLASH_BACKEND": "upstream"})
+    # The oracle tests' upstream server (tests/test_oracles.py), shared.
+    upstream = servers.get(tiny_spec(tiny_target, trained_tiny_drafter), env={"SGLANG_DFLASH_BACKEND": "upstream"})
     assert upstream.dflash_state()["backend"] == "upstream"
     plain = servers.get(tiny_plain(tiny_target))
-    prompts = token_prompts(6, vocab_size=512)
-    got = upstream.generate(prompts, GREEDY)
-    want = plain.generate(prompts, GREEDY)
+    prompts = token_prompts(8, vocab_size=512, seed=21)  # prompts whose continuations the drafter predicts
+    params = {**GREEDY, "max_new_tokens": 48, "ignore_eos": True}
+    got = upstream.generate(prompts, params)
+    want = plain.generate(prompts, params)
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
-    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in got)
+    assert sum(o["meta_info"].get("spec_num_correct_drafts", 0) for o in got) > 0  # multi-token commits
 
 
 ENGINE_SCRIPT = textwrap.dedent(
@@ -77,15 +84,15 @@ ENGINE_SCRIPT = textwrap.dedent(
     import sglang as sgl
 
     def main():
-        target, drafter, spec = sys.argv[1], sys.argv[2], sys.argv[3] == "spec"
+        target, drafter, spec, prompts = sys.argv[1], sys.argv[2], sys.argv[3] == "spec", json.loads(sys.argv[4])
         kwargs = dict(model_path=target, device="cpu", attention_backend="torch_native", disable_cuda_graph=True,
-                      mem_fraction_static=0.05, max_total_tokens=4096, dtype="float32", random_seed=0, log_level="error",
+                      mem_fraction_static=0.25, max_total_tokens=4096, dtype="float32", random_seed=0, log_level="error",
                       sleep_on_idle=True)
-        if spec:
+        if spec:  # our options come from the environment (SGLANG_DFLASH_ADAPTIVE=0: whole blocks)
             kwargs.update(speculative_algorithm="DFLASH", speculative_draft_model_path=drafter)
         llm = sgl.Engine(**kwargs)
         try:
-            outs = llm.generate(["Once upon a time", "def add(a, b):"], {"temperature": 0.0, "max_new_tokens": 20})
+            outs = llm.generate(prompts, {"temperature": 0.0, "max_new_tokens": 40})
             states = llm.get_server_info()["internal_states"][0]
             print(json.dumps({"ids": [o["output_ids"] for o in outs], "dflash": states.get("dflash")}))
         finally:
@@ -97,23 +104,29 @@ ENGINE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_engine(tmp_path, target, drafter, mode):
+ENGINE_PROMPTS = ["Once upon a time", "def add(a, b):", "Paris is the capital of", "1 2 3 4 5"]
+
+
+def run_engine(tmp_path, target, drafter, mode, env=None):
     script = tmp_path / "engine_script.py"
     script.write_text(ENGINE_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), str(target), str(drafter), mode],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **CPU_ENV},
+        [sys.executable, str(script), str(target), str(drafter), mode, json.dumps(ENGINE_PROMPTS)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **CPU_ENV, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_programmatic_engine(tmp_path, servers, tiny_target, tiny_drafter):
-    spec = run_engine(tmp_path, tiny_target, tiny_drafter, "spec")
-    assert spec["dflash"]["backend"] == "sglang-dflash"
+def test_programmatic_engine(tmp_path, servers, tiny_target, trained_tiny_drafter):
+    """sglang.Engine runs our worker, takes our options from the environment, and its
+    greedy output (with drafts accepted) is plain decoding's."""
+    spec = run_engine(tmp_path, tiny_target, trained_tiny_drafter, "spec", env={"SGLANG_DFLASH_ADAPTIVE": "0"})
+    assert spec["dflash"]["backend"] == "sglang-dflash" and spec["dflash"]["options"]["adaptive"] is False
+    assert spec["dflash"]["stats"]["accepted_drafts"] > 0
     plain = servers.get(tiny_plain(tiny_target))
-    want = plain.generate(["Once upon a time", "def add(a, b):"], {"temperature": 0.0, "max_new_tokens": 20})
-    assert spec["ids"] == [o["output_ids"] for o in want] and all(len(ids) == 20 for ids in spec["ids"])
+    want = plain.generate(ENGINE_PROMPTS, {"temperature": 0.0, "max_new_tokens": 40})
+    assert spec["ids"] == [o["output_ids"] for o in want] and all(len(ids) == 40 for ids in spec["ids"])
 
 
 def launch_fails(options: dict, env: dict | None = None) -> str:
@@ -156,11 +169,16 @@ def bad_drafter(tmp_path, tiny_drafter, make_bad):
     return drafter
 
 
-def test_launch_server_refuses_a_dflash2_drafter(tmp_path, tiny_target, tiny_drafter):
+def test_launch_server_refuses_a_dflash2_drafter_without_selector(tmp_path, tiny_target, tiny_drafter):
     """The real entry point exits non-zero with our one-line reason."""
     drafter = bad_drafter(tmp_path, tiny_drafter, lambda d: write_config(d, architectures=["DFlash2DraftModel"]))
     out = launch_fails(dflash_options(tiny_target, drafter))
-    assert "DFlash2 drafters (DFlash2DraftModel" in out
+    assert "DFlash2DraftModel drafters need dflash_config.selector_rank and selector_top_k" in out
+
+
+def test_tree_verification_refused_for_dflash2(tiny_target, tiny_dflash2_drafter):
+    out = resolution_fails(dflash_options(tiny_target, tiny_dflash2_drafter, **{"speculative-dflash-tree-topk": 2}))
+    assert "tree verification (--speculative-dflash-tree-topk > 1) is not supported with DFlash2 drafters" in out
 
 
 @pytest.mark.parametrize(

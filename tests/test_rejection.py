@@ -24,12 +24,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sglang_dflash.acceptance import Acceptance, greedy_chain_acceptance
-from sglang_dflash.proposer import Proposal
-from sglang_dflash.rejection import chain_rejection_sample, one_hot_probs, sample_from
-from sglang_dflash.sampling import RowSampling, filtered_probs
-from sglang_dflash.sampled_rows import SampledRows
-from sglang_dflash.verification import verify_chain
+from sglang_dflash.spec.accept import (
+    Acceptance,
+    chain_rejection_sample,
+    greedy_chain_acceptance,
+    one_hot_probs,
+    sample_from,
+    verify_chain,
+)
+from sglang_dflash.spec.sampling import RowSampling, SampledRows, filtered_probs
 from tests.support.reference_spec import chi_square_gof
 
 V = 32
@@ -166,15 +169,10 @@ def simulate(world: World, cfg: Config, rule, *, samples: int = SAMPLES, greedy_
     first included, comes out of the verify rule.
     """
     gen = torch.Generator().manual_seed(seed)
-    n, k = cfg.block, cfg.k
+    n = cfg.block
     last_pos = world.target.shape[0] - 1
-    out = torch.zeros(samples, k + n, dtype=torch.long)
-    count = torch.zeros(samples, dtype=torch.long)
-    last = torch.full((samples,), START, dtype=torch.long)
-    accepted = []
-    while bool((count < k).any()):
-        active = count < k
-        pos0 = count.clamp(max=k)
+
+    def step(last: torch.Tensor, pos0: torch.Tensor) -> Acceptance:
         nodes, dists = [last], []
         for j in range(n - 1):
             if cfg.drafter == "markov":
@@ -187,13 +185,29 @@ def simulate(world: World, cfg: Config, rule, *, samples: int = SAMPLES, greedy_
         tokens = torch.stack(nodes, dim=1)
         positions = (pos0[:, None] + torch.arange(n) + 1).clamp(max=last_pos)
         target_probs = world.target[positions, tokens]  # [samples, N, V]: after node j
-        result = rule(
+        return rule(
             tokens,
             target_probs,
             torch.stack(dists, dim=1),
             torch.rand(samples, n - 1, generator=gen),
             torch.rand(samples, generator=gen),
         )
+
+    return speculate(samples, cfg.k, n, step)
+
+
+def speculate(samples: int, k: int, n: int, step) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generation loop shared by the simulations: ``step(last, pos0)`` verifies one
+    block of N nodes for every sequence and returns its :class:`Acceptance`; this keeps
+    the emitted tokens until each sequence has ``k``. Returns (tokens [samples, k],
+    accepted drafts per verify step of the active sequences)."""
+    out = torch.zeros(samples, k + n, dtype=torch.long)
+    count = torch.zeros(samples, dtype=torch.long)
+    last = torch.full((samples,), START, dtype=torch.long)
+    accepted = []
+    while bool((count < k).any()):
+        active = count < k
+        result = step(last, count.clamp(max=k))
         emitted = result.num_accepted + 1
         cols = (count[:, None] + torch.arange(n)).clamp(max=k + n - 1)
         write = active[:, None] & (torch.arange(n)[None, :] < emitted[:, None])
@@ -350,11 +364,10 @@ def test_verify_chain_mixed_batch_routes_rows():
     tokens = torch.randint(0, V, (bs, n), generator=gen)
     tokens[0, 1:] = logits[0, :-1].argmax(-1)  # a fully accepted greedy row
     tokens[1:, 1] = logits[1:, 0].argmax(-1)  # likely first acceptances elsewhere
-    proposal = Proposal(tokens=tokens, draft_probs=draft_probs)
 
     replay = torch.Generator().manual_seed(99)
     uniforms = torch.rand(3, 2 * n - 1, generator=replay)  # B = n here: n-1 draft, n-1 accept, 1 residual
-    result = verify_chain(proposal, logits, SampledRows(index=sampled, params=sampling, uniforms=uniforms))
+    result = verify_chain(tokens, draft_probs, logits, SampledRows(index=sampled, params=sampling, uniforms=uniforms))
 
     greedy = greedy_chain_acceptance(tokens, logits.argmax(-1))
     for r in (0, 2):
@@ -369,3 +382,136 @@ def test_verify_chain_mixed_batch_routes_rows():
     assert torch.equal(result.out_tokens[sampled], expected.out_tokens)
     assert torch.equal(result.bonus[sampled], expected.bonus)
 
+
+
+# --------------------------------------------------------------------------- DFlash2 selector drafts
+#
+# A DFlash2 drafter draws node j+1 from q_j = softmax(score[j, i_{j-1}, :] / T) over its
+# K candidates only, so its draft is a Markov chain over slots whose support is a small
+# subset of the vocabulary. The production path (select_drafts, then verify_chain with
+# q spread over the vocabulary) must still emit exactly the target's distribution.
+
+SELECTOR_K, SELECTOR_RANK, SELECTOR_HIDDEN = 6, 4, 8
+
+
+@dataclass
+class SelectorWorld:
+    """target_logits [P, V, V] (the target before filtering); target: the filtered
+    distributions (for exact_joint); drafter logits [P, V, N-1, V] (the target's own
+    at the slot's position plus noise, as the parallel drafter above) and hidden
+    [P, V, N-1, H] per (first position, node 0, slot); the selector itself."""
+
+    target_logits: torch.Tensor
+    target: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    selector: torch.nn.Module
+
+
+def make_selector_world(cfg: Config) -> SelectorWorld:
+    from sglang_dflash.model.selector import CandidateSelector
+
+    gen = torch.Generator().manual_seed(4321 + cfg.seed)
+    positions = cfg.k + cfg.block + 1
+    target_logits = torch.randn(positions, V, V, generator=gen) * 2.0
+    params = _params(cfg, positions * V)
+    target = filtered_probs(target_logits.reshape(-1, V), params).view(positions, V, V)
+    shifted = torch.stack(
+        [target_logits[(torch.arange(positions) + j + 1).clamp(max=positions - 1)] for j in range(cfg.block - 1)], dim=2
+    )
+    logits = shifted + torch.randn(shifted.shape, generator=gen)
+    hidden = torch.randn(positions, V, cfg.block - 1, SELECTOR_HIDDEN, generator=gen)
+    selector = CandidateSelector(SELECTOR_HIDDEN, V, SELECTOR_RANK, SELECTOR_K)
+    with torch.no_grad():
+        for p in selector.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return SelectorWorld(target_logits, target, logits, hidden, selector)
+
+
+def _params(cfg: Config, rows: int) -> RowSampling:
+    return RowSampling(
+        temperature=torch.full((rows,), cfg.temperature),
+        top_k=torch.full((rows,), cfg.top_k, dtype=torch.long),
+        top_p=torch.full((rows,), cfg.top_p),
+        min_p=torch.full((rows,), cfg.min_p),
+    )
+
+
+def selector_ours(selector, bonus, hidden, logits, sampled):
+    from sglang_dflash.spec.selector import select_drafts
+
+    return select_drafts(selector, bonus, hidden, logits, sampled)
+
+
+def _selector_walk(selector, bonus, hidden, logits, sampled):
+    from sglang_dflash.spec.selector import candidates, walk
+
+    ids, unary = candidates(logits, selector.top_k)
+    scores = selector.lattice(ids, unary, hidden, bonus)
+    bs = ids.shape[0]
+    index, q = walk(scores, greedy=torch.zeros(bs, dtype=torch.bool), temperature=sampled.params.temperature,
+                    uniforms=sampled.draft_uniforms())
+    return ids, scores, index, q
+
+
+def selector_q_ignores_predecessor(selector, bonus, hidden, logits, sampled):
+    """WRONG: draw the path correctly but report each slot's q from the first
+    predecessor's row, not the drawn one's."""
+    ids, scores, index, _ = _selector_walk(selector, bonus, hidden, logits, sampled)
+    q = torch.softmax(scores[:, :, 0].float() / sampled.params.temperature[:, None, None], dim=-1)
+    drafts = ids.gather(-1, index[..., None]).squeeze(-1)
+    return drafts, torch.zeros(*ids.shape[:2], V).scatter_(-1, ids, q)
+
+
+def selector_q_full_vocabulary(selector, bonus, hidden, logits, sampled):
+    """WRONG: draw from the selector but report the drafter's full-vocabulary softmax
+    (the DFlash v1 q) as the draft distribution."""
+    ids, _, index, _ = _selector_walk(selector, bonus, hidden, logits, sampled)
+    drafts = ids.gather(-1, index[..., None]).squeeze(-1)
+    return drafts, torch.softmax(logits / sampled.params.temperature[:, None, None], dim=-1)
+
+
+def simulate_selector(world: SelectorWorld, cfg: Config, rule, *, samples: int = SAMPLES, seed: int = 1):
+    """Like :func:`simulate`, with DFlash2 selector drafts and ``verify_chain`` as the
+    server runs them (the request's filters apply to the target, not to q)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = cfg.block
+    last_pos = world.target.shape[0] - 1
+    rows = torch.arange(samples)
+
+    def step(last: torch.Tensor, pos0: torch.Tensor) -> Acceptance:
+        sampled = SampledRows(index=rows, params=_params(cfg, samples), uniforms=torch.rand(samples, 2 * n - 1, generator=gen))
+        with torch.no_grad():
+            drafts, draft_probs = rule(world.selector, last, world.hidden[pos0, last], world.logits[pos0, last], sampled)
+        tokens = torch.cat([last[:, None], drafts], dim=1)
+        positions = (pos0[:, None] + torch.arange(n) + 1).clamp(max=last_pos)
+        return verify_chain(tokens, draft_probs, world.target_logits[positions, tokens], sampled)
+
+    return speculate(samples, cfg.k, n, step)
+
+
+SELECTOR_CONFIGS = [
+    Config(temperature=1.0),
+    Config(temperature=0.7, top_p=0.9, seed=1),
+    Config(temperature=1.3, top_k=8, block=5, k=4, seed=2),
+]
+
+
+@pytest.mark.parametrize("cfg", SELECTOR_CONFIGS, ids=config_id)
+def test_selector_drafts_are_lossless(cfg):
+    world = make_selector_world(cfg)
+    tokens, accepted = simulate_selector(world, cfg, selector_ours)
+    pv = p_values(tokens, exact_joint(world, cfg.k))
+    print(f"\nselector {config_id(cfg)}: accepted/step={accepted.float().mean():.3f} {fmt(pv)}")
+    assert (accepted == cfg.block - 1).any() and (accepted < cfg.block - 1).any()
+    assert min(pv.values()) > ALPHA / len(pv), fmt(pv)
+
+
+@pytest.mark.parametrize("rule", [selector_q_ignores_predecessor, selector_q_full_vocabulary], ids=lambda r: r.__name__)
+def test_wrong_selector_q_is_detected(rule):
+    cfg = Config(temperature=1.0, seed=3)
+    world = make_selector_world(cfg)
+    tokens, _ = simulate_selector(world, cfg, rule)
+    pv = p_values(tokens, exact_joint(world, cfg.k))
+    print(f"\n{rule.__name__}: {fmt(pv)}")
+    assert pv["joint"] < 1e-6, fmt(pv)

@@ -1,6 +1,7 @@
 """The per-token block-position record and its per-request summaries."""
 
-from sglang_dflash.request_stats import complete_positions, record_step, summarize
+from sglang_dflash.host.requests import record_step
+from sglang_dflash.telemetry.request_stats import complete_positions, summarize
 
 
 class FakeReq:

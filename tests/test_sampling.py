@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_dflash.cpu_lane import CPU_ENV
-from sglang_dflash.sampling import RowSampling, filtered_probs
+from sglang_dflash.spec.sampling import RowSampling, filtered_probs
 from tests.support.reference_spec import chi_square_gof, sglang_filter_reference
 
 TOP_K_ALL = 1 << 30  # SGLang's "no top-k" value (sampling_params.TOP_K_ALL)

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 import torch
 
-from sglang_dflash.sampling import RowSampling, filtered_probs
+from sglang_dflash.spec.sampling import RowSampling, filtered_probs
 from tests.support.reference_spec import chi_square_gof
 
 VOCAB, K, BLOCK = 32, 3, 4
@@ -31,7 +31,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def vocab32(models_dir):
-    from sglang_dflash.devmodels.tiny import build_random_drafter, build_tiny_target
+    from sglang_dflash.testing.devmodels.tiny import build_random_drafter, build_tiny_target
 
     target = build_tiny_target(models_dir / "vocab32", vocab_size=VOCAB, init_std=0.2, seed=1)
     drafter = build_random_drafter(
@@ -83,12 +83,18 @@ def exact_distribution(target_dir, params: dict) -> torch.Tensor:
 
 
 def sample(server, params: dict, n: int, **extra) -> list[tuple[int, ...]]:
-    """n independent samples of the first K tokens (batched in chunks)."""
-    out = []
+    """n independent samples of the first K tokens (batched in chunks). Tokens 2..K come
+    from one verify step per request; some of its drafts must have been accepted and
+    some rejected, or the fit would test plain sampling (or the drafter) alone."""
+    out, steps = [], []
     body = {"max_new_tokens": K, "ignore_eos": True, **params}
     for start in range(0, n, 500):
         batch = [list(PROMPT)] * min(500, n - start)
-        out += [tuple(o["output_ids"][:K]) for o in server.generate(batch, body, **extra)]
+        outs = server.generate(batch, body, **extra)
+        out += [tuple(o["output_ids"][:K]) for o in outs]
+        steps += [o["meta_info"]["spec_dflash_accepted_per_step"] for o in outs]
+    first = [s[0] for s in steps]  # each request's first verify step
+    assert len(first) == n and 0 < sum(a > 0 for a in first) < n, "drafts were never, or always, accepted"
     return out
 
 
@@ -110,10 +116,10 @@ def accept_always_samples(target_dir, drafter_dir, params: dict, n: int) -> list
     drafter's own samples for the next positions (same drafter, same filter)."""
     from transformers import AutoModelForCausalLM
 
-    from sglang_dflash.checkpoint import load_drafter
-    from sglang_dflash.config import capture_points
-    from sglang_dflash.draft_attention import DraftAttnPlan, TorchDraftAttention
-    from sglang_dflash.draft_kv import DraftKVCache
+    from sglang_dflash.model.checkpoint import load_drafter
+    from sglang_dflash.model.config import capture_points
+    from sglang_dflash.model.draft_attention import DraftAttnPlan, TorchDraftAttention
+    from sglang_dflash.model.draft_kv import DraftKVCache
 
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
@@ -138,7 +144,7 @@ def accept_always_samples(target_dir, drafter_dir, params: dict, n: int) -> list
         block = torch.full((n, BLOCK), cfg.mask_token_id)
         block[:, 0] = t1
         embed = model.get_input_embeddings().weight
-        hidden = drafter(drafter.embed(block.reshape(-1), embed), plan.q_positions.reshape(-1), attention)
+        hidden = drafter(drafter.embed(block.reshape(-1), embed), plan.q_positions.reshape(-1), attention, plan.block_size)
         logits = drafter.logits(hidden.view(n, BLOCK, -1)[:, 1:K].reshape(-1, hidden.shape[-1]), model.lm_head.weight)
         q = filtered_probs(logits, RowSampling(*(t.expand(logits.shape[0]) for t in vars(row).values())))
         drafts = torch.multinomial(q, 1).view(n, K - 1)
@@ -201,24 +207,41 @@ def test_greedy_rows_exact_in_mixed_batches(servers, vocab32):
     assert all(len(o["output_ids"]) == 16 for o in outs[1::2])
 
 
+# A prompt whose first token is one token with probability 0.88 at T=1 (chosen among
+# random prompts by the target's exact distribution, checked in the test).
+SEEDED_PROMPT = [0, 8, 4, 27, 14, 25, 14]
+
+
 def test_seeded_requests_are_reproducible(servers, vocab32):
     """A seeded sampled request draws its drafts and accept tests from its own seed and
     decode step, so given the same first token (which SGLang's own sampler draws, seeded
     only under --enable-deterministic-inference, a GPU-only mode) it continues
     identically, alone or in any batch."""
+    from transformers import AutoModelForCausalLM
+
     target, drafter = vocab32
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    with torch.no_grad():
+        first = model(torch.tensor([SEEDED_PROMPT])).logits[0, -1].softmax(-1)
+    assert float(first.max()) > 0.8  # most outputs share their first token: groups of one prove nothing
     server = spec_server(servers, target, drafter)
     seeded = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True, "sampling_seed": 1234}
     noisy = {"temperature": 1.0, "max_new_tokens": 12, "ignore_eos": True}
     from concurrent.futures import ThreadPoolExecutor
 
-    outputs = [server.generate_one(list(PROMPT), seeded)["output_ids"] for _ in range(6)]
+    alone = [server.generate_one(list(SEEDED_PROMPT), seeded)["output_ids"] for _ in range(6)]
     with ThreadPoolExecutor(8) as pool:  # the same request amid unseeded traffic
-        mixed = list(pool.map(lambda i: server.generate_one(list(PROMPT), seeded if i % 2 == 0 else noisy), range(16)))
-    outputs += [mixed[i]["output_ids"] for i in range(0, 16, 2)]
+        mixed = list(pool.map(lambda i: server.generate_one(list(SEEDED_PROMPT), seeded if i % 2 == 0 else noisy), range(16)))
+    in_batches = [mixed[i]["output_ids"] for i in range(0, 16, 2)]
+    top = int(first.argmax())
+    alone_top = {tuple(ids) for ids in alone if ids[0] == top}
+    batched_top = {tuple(ids) for ids in in_batches if ids[0] == top}
+    # P(no output starts with the likely token) < 0.12**6 per phase.
+    assert alone_top and batched_top, (alone, in_batches)
+    assert len(alone_top | batched_top) == 1, (alone_top, batched_top)
     by_first: dict[int, set] = {}
-    for ids in outputs:
+    for ids in alone + in_batches:
         by_first.setdefault(ids[0], set()).add(tuple(ids))
     assert all(len(continuations) == 1 for continuations in by_first.values()), by_first
-    other = {tuple(server.generate_one(list(PROMPT), {**seeded, "sampling_seed": s})["output_ids"]) for s in range(6)}
-    assert len(other) > 1  # different seeds do differ
+    other = [server.generate_one(list(SEEDED_PROMPT), {**seeded, "sampling_seed": s})["output_ids"] for s in range(8)]
+    assert len({tuple(ids) for ids in other if ids[0] == top}) > 1, other  # different seeds do differ

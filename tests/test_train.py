@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from sglang_dflash.checkpoint import load_drafter
-from sglang_dflash.config import DFlashConfig
-from sglang_dflash.draft_attention import DraftAttnPlan, TorchDraftAttention
-from sglang_dflash.draft_kv import DraftKVCache
-from sglang_dflash.proposer import BlockProposer
-from sglang_dflash.train import TrainArgs, drafter_config_dict, init_drafter, load_target, train
-from sglang_dflash.train_data import SequenceSet, encode_prompt, stop_token_ids
-from sglang_dflash.train_eval import evaluate, speculative_generate
-from sglang_dflash.train_init import source_layers
-from sglang_dflash.train_objective import IGNORE, block_attention_mask, block_hidden, make_batch, sample_anchors
-from sglang_dflash.train_prompts import build_prompts, split_prompts
+from sglang_dflash.model.checkpoint import load_drafter
+from sglang_dflash.model.config import DFlashConfig
+from sglang_dflash.model.draft_attention import DraftAttnPlan, TorchDraftAttention
+from sglang_dflash.model.draft_kv import DraftKVCache
+from sglang_dflash.spec.proposer import BlockProposer
+from sglang_dflash.train.trainer import TrainArgs, drafter_config_dict, load_target, train
+from sglang_dflash.train.data import SequenceSet, encode_prompt, stop_token_ids
+from sglang_dflash.train.eval import evaluate, speculative_generate
+from sglang_dflash.train.init import init_drafter, source_layers
+from sglang_dflash.train.objective import IGNORE, block_attention_mask, block_hidden, make_batch, sample_anchors
+from sglang_dflash.train.prompts import build_prompts, split_prompts
 
 BLOCK = 8
 # fp32 on both sides; differences come only from summation order (SDPA kernels, RMSNorm).
@@ -100,7 +100,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_target_dir(tmp_path_factory) -> Path:
-    from sglang_dflash.devmodels.tiny import build_tiny_target
+    from sglang_dflash.testing.devmodels.tiny import build_tiny_target
 
     return build_tiny_target(tmp_path_factory.mktemp("tiny-target"))
 
@@ -145,18 +145,29 @@ def test_training_lowers_loss_and_raises_tau(trained, tiny_target):
     assert after.tau > 1.1 and after.tau > tau_before + 0.05, (tau_before, after.summary())
 
 
-def test_checkpoint_round_trip(trained):
-    _, result, _, _ = trained
+def test_checkpoint_round_trip(trained, tiny_target, tmp_path):
+    """The trainer writes the z-lab config and the weights it trained (not its starting
+    point); a drafter in memory saved and loaded back is bit-identical."""
+    from sglang_dflash.model.checkpoint import save_drafter
+
+    args, result, _, _ = trained
     config = DFlashConfig.from_pretrained(result.path)
     assert config.raw["architectures"] == ["DFlashDraftModel"]
     assert config.block_size == BLOCK and config.target_layer_ids == (2,)
     assert config.raw["dflash_config"] == {"target_layer_ids": [2], "mask_token_id": config.mask_token_id,
                                            "block_size": BLOCK}
     assert config.raw["num_target_layers"] == 4
-    first, second = load_drafter(result.path), load_drafter(result.path)
-    state = first.state_dict()
-    assert state.keys() == second.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in second.state_dict().items())
+    loaded = load_drafter(result.path).state_dict()
+    start = init_drafter(config, tiny_target[0], args.seed, args.init).state_dict()
+    assert loaded.keys() == start.keys()
+    changed = [k for k in start if not torch.equal(loaded[k], start[k])]
+    assert "fc.weight" in changed and any(".mlp." in k for k in changed), changed
+
+    in_memory = init_drafter(config, tiny_target[0], seed=7)
+    save_drafter(in_memory, tmp_path / "saved")
+    again = load_drafter(tmp_path / "saved").state_dict()
+    assert again.keys() == in_memory.state_dict().keys()
+    assert all(torch.equal(again[k], v) for k, v in in_memory.state_dict().items())
 
 
 def _block_inputs(target, drafter, ctx_len: int, anchor_token: int, seed: int = 0):
@@ -187,7 +198,7 @@ def test_checkpoint_matches_zlab_reference(trained, tiny_target):
         )[0]
         ref_logits = reference.compute_logits(ref_hidden[1:], target.get_output_embeddings())
         # Ours, through the training path: one sequence, one block anchored after the context.
-        from sglang_dflash.train_objective import BlockBatch
+        from sglang_dflash.train.objective import BlockBatch
 
         batch = BlockBatch(features=features[None], block_tokens=block[None, None], anchors=torch.tensor([[ctx_len]]),
                            labels=torch.zeros(1, 1, BLOCK - 1, dtype=torch.long),
@@ -209,7 +220,7 @@ def test_training_forward_matches_serving_path(trained, tiny_target):
     tokens = torch.randint(0, 500, (ctx_len,), generator=torch.Generator().manual_seed(2))
     block_tokens = torch.full((1, 4, BLOCK), drafter.config.mask_token_id)
     block_tokens[0, :, 0] = tokens[anchors[0]]
-    from sglang_dflash.train_objective import BlockBatch
+    from sglang_dflash.train.objective import BlockBatch
 
     batch = BlockBatch(features[None], block_tokens, anchors, torch.zeros(1, 4, BLOCK - 1, dtype=torch.long),
                        block_attention_mask(anchors, torch.ones_like(anchors, dtype=torch.bool), ctx_len, BLOCK))
@@ -330,3 +341,52 @@ def test_warm_start_falls_back_or_refuses_on_another_shape(tiny_target):
     assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), normal.state_dict().values()))
     with pytest.raises(ValueError, match=r"--init must be one of auto, target, normal, not 'zeros'"):
         init_drafter(config, target, seed=0, how="zeros")
+
+
+# ------------------------------------------------------------------ DFlash2 drafters
+def test_selector_loss_is_teacher_forced_cross_entropy_over_candidates():
+    """Per slot: the top-K logits are the candidates, scored from the *true* previous
+    token; cross-entropy at the label's candidate, weighted; slots whose label is not
+    a candidate add nothing. With a restricted head, rows map back to token ids."""
+    from sglang_dflash.model.selector import CandidateSelector
+    from sglang_dflash.train.objective import selector_loss
+
+    torch.manual_seed(0)
+    vocab, rows, k = 20, 12, 3
+    selector = CandidateSelector(8, vocab, 4, k)
+    with torch.no_grad():
+        for p in selector.parameters():
+            p.normal_()
+    row_ids = torch.randperm(vocab)[:rows].sort().values
+    hidden, logits = torch.randn(5, 8), torch.randn(5, rows) * 3
+    previous, weights = torch.randint(0, vocab, (5,)), torch.rand(5) + 0.1
+    order = logits.argsort(dim=-1, descending=True)
+    targets = torch.stack([order[0, 1], order[1, 0], order[2, 2], order[3, 1], order[4, k]])  # the last: no candidate
+
+    expected, total = 0.0, 0.0
+    for i in range(4):
+        cands = order[i, :k]
+        gate = selector.hidden_projection(hidden[i]) * selector.predecessor_codebook[previous[i]]
+        scores = logits[i, cands] + selector.successor_codebook[row_ids[cands]] @ gate
+        expected += weights[i] * -torch.log_softmax(scores, -1)[(cands == targets[i]).int().argmax()]
+        total += weights[i]
+    got = selector_loss(selector, hidden, logits, targets, previous, weights, row_ids)
+    assert torch.allclose(got, expected / total, atol=1e-5)
+
+
+def test_dflash2_training_config_and_flags(tiny_target):
+    from sglang_dflash.train.trainer import dflash2_fields, parse_args
+
+    target, _ = tiny_target
+    args = parse_args(["--target", "t", "--out", "o", "--selector-rank", "8", "--selector-top-k", "8",
+                       "--conv-kernel-size", "2", "--conv-group-size", "16"])
+    raw = drafter_config_dict(target.config, num_layers=1, target_layer_ids=[2], block_size=BLOCK, mask_token_id=3,
+                              dflash2=dflash2_fields(args))
+    config = DFlashConfig.from_dict(raw)
+    assert raw["architectures"] == ["DFlash2DraftModel"] and config.has_selector and config.has_convolution
+    assert dflash2_fields(parse_args(["--target", "t", "--out", "o"])) is None
+    only_conv = DFlashConfig.from_dict(drafter_config_dict(target.config, num_layers=1, target_layer_ids=[2],
+                                                           block_size=BLOCK, mask_token_id=3,
+                                                           dflash2={"conv_kernel_size": 2, "conv_group_size": 16}))
+    assert only_conv.architecture == "DFlashDraftModel" and only_conv.has_convolution and not only_conv.has_selector
+

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_dflash.acceptance import greedy_chain_acceptance, greedy_tree_acceptance
-from sglang_dflash.verify_tree import build_chain, build_topk_tree
+from sglang_dflash.spec.accept import greedy_chain_acceptance, greedy_tree_acceptance
+from sglang_dflash.spec.verify_tree import build_chain, build_topk_tree
 
 
 def make_tree(seed, bs, block, k, nodes, vocab=50):
@@ -110,3 +110,28 @@ def test_tree_beats_chain_when_second_choices_are_right():
     tree_acc = greedy_tree_acceptance(tree.tokens, tree.parents, target_for(tree.tokens, tree.depths), block - 1)
     print(f"accepted drafts per step: chain {chain_acc:.2f}, tree {tree_acc.num_accepted.float().mean():.2f}")
     assert tree_acc.num_accepted.float().mean() > chain_acc + 0.5
+
+
+def test_off_chain_paths_counts_paths_that_leave_the_top1_chain():
+    """The worker's telemetry counts a request when its accepted tree path leaves the
+    top-1 chain (its KV is then moved): not when it follows the chain, stops at the
+    root, or is a plain chain step."""
+    from sglang_dflash.spec.accept import off_chain_paths
+    from sglang_dflash.telemetry.metrics import DFlashMetrics
+
+    block = 4
+    chain, top, tree = make_tree(11, 3, block, 2, 3 * block)
+    b = 0
+    sibling = next(i for i in range(block, tree.tokens.shape[1]) if int(tree.parents[b, i]) == 0)
+    target = torch.full_like(tree.tokens, -1)  # no match anywhere unless set
+    target[0, 0] = tree.tokens[0, sibling]  # request 0: root -> the depth-1 alternative
+    target[1, 0], target[1, 1] = tree.tokens[1, 1], tree.tokens[1, 2]  # request 1: two chain nodes
+    acceptance = greedy_tree_acceptance(tree.tokens, tree.parents, target, block - 1)
+    assert acceptance.num_accepted.tolist() == [1, 2, 0]  # request 2 stops at the root
+    assert int(off_chain_paths(acceptance)) == 1
+    assert off_chain_paths(greedy_chain_acceptance(chain, target[:, :block])) is None
+
+    metrics = DFlashMetrics(block_size=3 * block, device="cpu")
+    metrics.observe_step(3 * block, acceptance.num_accepted.tolist(), int(off_chain_paths(acceptance)))
+    stats = metrics.totals.as_dict()
+    assert stats["off_chain_paths"] == 1 and stats["accepted_drafts"] == 3

@@ -41,8 +41,8 @@ INJECT_TOL = {torch.float32: (1e-5, 2e-5), torch.bfloat16: (4e-2, 1.6e-2)}
 
 def random_drafter(*, dtype: torch.dtype = torch.float32, layers: int = 2, bias: bool = False, seed: int = 0):
     """A tiny DFlash drafter with random weights, random norm scales included."""
-    from sglang_dflash.config import DFlashConfig
-    from sglang_dflash.drafter import DFlashDrafter
+    from sglang_dflash.model.config import DFlashConfig
+    from sglang_dflash.model.drafter import DFlashDrafter
 
     raw = {
         "architectures": ["DFlashDraftModel"],
@@ -116,7 +116,7 @@ def check_store_context_kv(shape, dtype: torch.dtype, device: str) -> str:
 
 
 def check_fused_inject(dtype: torch.dtype, bias: bool, device: str) -> str:
-    from sglang_dflash.draft_kv import DraftKVCache
+    from sglang_dflash.model.draft_kv import DraftKVCache
     from sglang_dflash.gpu import triton_kernels as tk
 
     drafter = random_drafter(dtype=dtype, layers=3, bias=bias).to(device)
@@ -150,7 +150,7 @@ def check_fused_inject(dtype: torch.dtype, bias: bool, device: str) -> str:
     assert all(torch.equal(before[k], after[k]) for k in before), "sharing storage changed drafter weights"
     attn = drafter.layers[1].self_attn
     assert injector.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
-    tk.fused_inject(drafter, caches[1], features[:0], positions[:0], slots[:0])  # empty: no-op
+    injector(caches[1], features[:0], positions[:0], slots[:0])  # empty: no-op
     return f"max err {err:.2e}"
 
 
@@ -179,6 +179,52 @@ def check_greedy_commit(shape, seq_dtype: torch.dtype, device: str) -> str:
     return f"accepted {ours.num_accepted.tolist()}"
 
 
+def check_fused_verify_chain(shape, device: str) -> str:
+    """The worker's greedy rule on CUDA inside ``verify_chain``: the same acceptance as
+    the torch rule, alone and with sampled rows overwriting theirs."""
+    from sglang_dflash.gpu import triton_kernels as tk
+    from sglang_dflash.spec.accept import verify_chain
+    from sglang_dflash.spec.sampling import RowSampling, SampledRows
+
+    bs, n = shape
+    vocab = 11
+    gen = torch.Generator().manual_seed(bs * 31 + n)
+    logits = torch.randn(bs, n, vocab, generator=gen) * 3
+    tokens = torch.randint(0, vocab, (bs, n), generator=gen)
+    tokens[0, 1:] = logits[0, :-1].argmax(-1)  # row 0 accepts everything
+    if bs > 2 and n > 2:
+        tokens[1, 1 : n // 2 + 1] = logits[1, : n // 2].argmax(-1)  # row 1: a partial prefix
+    args = [t.to(device) for t in (tokens, logits)]
+    plain = tk.greedy_commit(args[0], args[1].argmax(-1))
+    assert plain.commit_lens is None and plain.new_seq_lens is None
+    accepted, calls = [], []
+
+    def fused(*tensors):  # the kernel rule, counted: verify_chain must really run it
+        calls.append(1)
+        return tk.fused_greedy_acceptance(*tensors)
+
+    for sampled in (None, [r for r in range(bs) if r % 2 == 1]):
+        rows = None
+        if sampled:
+            s = len(sampled)
+            params = RowSampling(temperature=torch.full((s,), 0.8), top_k=torch.full((s,), 1 << 30),
+                                 top_p=torch.ones(s), min_p=torch.zeros(s))
+            rows = SampledRows(index=torch.tensor(sampled, device=device), params=params,
+                               uniforms=torch.rand(s, 2 * n - 1, generator=gen).to(device))
+        ours = verify_chain(*args[:1], None, args[1], rows, greedy=fused)
+        ref = verify_chain(*args[:1], None, args[1], rows)
+        assert len(calls) == len(accepted) + 1, "verify_chain did not apply the greedy rule it was given"
+        for field in ("num_accepted", "bonus"):
+            a, b = getattr(ours, field), getattr(ref, field)
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{field}: {a.tolist()} != {b.tolist()}"
+        for r in range(bs):  # emitted tokens: columns 0 .. num_accepted
+            k = int(ref.num_accepted[r]) + 1
+            assert torch.equal(ours.out_tokens[r, :k], ref.out_tokens[r, :k]), r
+        accepted.append(ours.num_accepted.tolist())
+    assert accepted[0][0] == n - 1
+    return f"accepted {accepted}"
+
+
 def check_kernels_active(device: str) -> str:
     from sglang_dflash.gpu import triton_kernels as tk
 
@@ -203,6 +249,7 @@ def cases(device: str) -> dict[str, Callable[[], str]]:
             out[f"greedy_commit-{shape[0]}x{shape[1]}-{str(seq_dtype)[6:]}"] = (
                 lambda s=shape, d=seq_dtype: check_greedy_commit(s, d, device)
             )
+        out[f"fused_verify_chain-{shape[0]}x{shape[1]}"] = lambda s=shape: check_fused_verify_chain(s, device)
     return out
 
 

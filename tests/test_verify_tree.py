@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_dflash.verify_tree import VerifyTree, build_chain
+from sglang_dflash.spec.verify_tree import VerifyTree, build_chain
 from tests.support.reference_spec import ancestor_sets, custom_mask_reference, depths_from_parents
 
 FUZZ = settings(max_examples=100, deadline=None, database=None)

@@ -10,7 +10,7 @@
 # trimmed to what the server path needs, and packed with xz. Limit: 56 MiB.
 #
 # sgl_kernel route (SGL_KERNEL_ROUTE):
-#   standin (default)  bench/gpu/sgl_kernel_standin: sglang-kernel 0.4.10's import
+#   standin (default)  sglang_dflash/standins/sgl_kernel: sglang-kernel 0.4.10's import
 #                      surface in pure Python; norms and gated activations run on
 #                      FlashInfer's JIT kernels (torch fallback), every other op raises
 #                      NotImplementedError naming itself.
@@ -96,7 +96,7 @@ find . -name __pycache__ -prune -exec rm -rf {} +
 find . -name "*.pyi" -delete
 
 echo "== sgl_kernel route: $route"
-cp -r "$here/sgl_kernel_standin/sgl_kernel" "$stage/standin/sgl_kernel"
+cp -r "$repo/sglang_dflash/standins/sgl_kernel" "$stage/standin/sgl_kernel"
 find "$stage/standin" -name __pycache__ -prune -exec rm -rf {} +
 if [ "$route" = real ]; then
     wheel=$(ls "$cache"/wheels/sglang_kernel-0.4.10-*.whl)

@@ -87,8 +87,8 @@ SERVER_PATH_MODULES = (
     "sglang.launch_server",
     "sglang_dflash",
     "sglang_dflash.plugin",
-    "sglang_dflash.sglang_compat",
-    "sglang_dflash.worker",
+    "sglang_dflash.host.hooks",
+    "sglang_dflash.host.worker",
 )
 
 _FAKE_H100 = r'''
@@ -300,7 +300,7 @@ def cpu_substitutes(view: Path) -> list[Path]:
         try:
             from sglang_dflash.cpu_lane import STUBS_DIR
         except ImportError:
-            STUBS_DIR = Path(__file__).resolve().parents[2] / "sglang_dflash" / "cpu_stubs"
+            STUBS_DIR = Path(__file__).resolve().parents[2] / "sglang_dflash" / "standins"
         sub = view.parent / "cpu-substitutes"
         sub.mkdir(parents=True, exist_ok=True)
         link = sub / "torchvision"

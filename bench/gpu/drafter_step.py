@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sglang_dflash.config import DFlashConfig  # noqa: E402
-from sglang_dflash.draft_attention import DraftAttnPlan, TorchDraftAttention  # noqa: E402
-from sglang_dflash.draft_kv import DraftKVCache  # noqa: E402
-from sglang_dflash.drafter import DFlashDrafter  # noqa: E402
-from sglang_dflash.proposer import BlockProposer  # noqa: E402
+from sglang_dflash.model.config import DFlashConfig  # noqa: E402
+from sglang_dflash.model.draft_attention import DraftAttnPlan, TorchDraftAttention  # noqa: E402
+from sglang_dflash.model.draft_kv import DraftKVCache  # noqa: E402
+from sglang_dflash.model.drafter import DFlashDrafter  # noqa: E402
+from sglang_dflash.spec.proposer import BlockProposer  # noqa: E402
 
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, HBM3e / HBM3 (SXM)
 QWEN3_8B = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=12288, layers=5, features=5, vocab=151936)

@@ -1,124 +1,163 @@
 #!/usr/bin/env bash
-# GPU lane, one entry point for the lent GPU machine (run from the repo root):
+# GPU lane, one entry point (run from anywhere; it works in the repo root):
 #
-#   bash bench/gpu/run_all.sh [PHASE ...]     phases: env unpack models nospec ours upstream micro drafter report
+#   bash bench/gpu/run_all.sh [PHASE|GROUP ...]     default: every phase of `gpu_bench.py plan`, in order
+#   GPU_LANE_DRYRUN=1 bash bench/gpu/run_all.sh     the same phases on CPU (a rehearsal; see README.md)
 #
-# Needs the bundle from bench/gpu/build_bundle.sh at .gpucarry/bundle.tar.xz (carry
-# `.gpucarry`). Works in .gpuwork/ (git-ignored; kept while the machine stays warm) and
-# writes to $OUT (default .gpuwork/out): gpu_results.md, gpu_results.json,
-# logs.tar.xz, run_all.log and, when small enough, jit-cache.tar.xz (compiled kernels;
-# put it in .gpucarry/ next time and the JIT compiles are skipped).
+# Groups: eq (every equality phase), eq_bf16, eq_fp32, tests, speed (models + 4 modes), micro.
+# Needs .gpucarry/bundle.tar.xz (make gpu-bundle) and .gpucarry/pair (make gpu-pair); carry
+# `.gpucarry`. Works in .gpuwork/ (git-ignored; kept while the machine stays warm) and writes
+# to $OUT (default .gpuwork/out), after EVERY phase: gpu_results.md, gpu_results.json,
+# logs.tar.gz, plus run_all.log as it goes and, at the end, jit-cache.tar.xz (compiled
+# kernels, when under 15 MiB: put it in .gpucarry/ next time and the JIT builds are skipped).
 #
-# Robustness: every phase runs under `timeout` inside an overall budget
-# (GPU_LANE_BUDGET_S, default 570 s, under the device tool's 10-minute limit); a phase
-# that fails or times out is recorded and the next one runs; a phase whose result is
-# already in .gpuwork/results is skipped (GPU_LANE_FORCE=1 re-runs), so a second call
-# on a warm machine finishes what a first one could not. Servers are killed by process
-# group when their phase ends, however it ends.
+# Bounded: the whole run by GPU_LANE_BUDGET_S (default 420 s on the device, under the
+# 10-minute limit of one call), each phase by its own cap (`gpu_bench.py plan`) and by what
+# is left. A phase that fails or times out is recorded and the next one runs. Phases already
+# done are skipped (GPU_LANE_FORCE=1 re-runs them): done in .gpuwork/results on a warm
+# machine, or in a previous call's gpu_results.json copied to .gpucarry/ (GPU_LANE_PREVIOUS)
+# on a fresh one. `bg` phases (the CUDA tests) run beside the next ones; `par` phases (the
+# equality servers after the first, which pays the JIT builds) run side by side on the device
+# (GPU_LANE_PARALLEL=0: one after another, the rehearsal's default); `excl` phases
+# (everything timed) wait for all of them. Servers die with their phase, by process group.
 set -uo pipefail
 start=$(date +%s)
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
-work=$repo/.gpuwork
+dryrun=${GPU_LANE_DRYRUN:-0}
+work=${GPU_LANE_WORK:-$repo/.gpuwork}
 OUT=${OUT:-$work/out}
-budget=${GPU_LANE_BUDGET_S:-570}
+if [ "$dryrun" = 1 ]; then
+    budget=${GPU_LANE_BUDGET_S:-5400}
+    parallel=${GPU_LANE_PARALLEL:-0}  # two cores
+    py=${PYTHON:-$( [ -x "$repo/.venv/bin/python" ] && echo "$repo/.venv/bin/python" || echo python3 )}
+else
+    budget=${GPU_LANE_BUDGET_S:-420}
+    parallel=${GPU_LANE_PARALLEL:-1}
+    py=${PYTHON:-python3}
+fi
 bundle=${GPU_LANE_BUNDLE:-$repo/.gpucarry/bundle.tar.xz}
 jit_carry=${GPU_LANE_JIT_CACHE:-$repo/.gpucarry/jit-cache.tar.xz}
+previous=${GPU_LANE_PREVIOUS:-$repo/.gpucarry/gpu_results.json}
 res=$work/results
 logs=$work/logs
-py=${PYTHON:-python3}
-mkdir -p "$OUT" "$res" "$logs" "$work/jit"
+pids=$work/pids
+reserve=30  # seconds kept for the final collect
+mkdir -p "$OUT" "$res" "$logs" "$pids" "$work/jit" "$work/models"
 exec > >(tee -a "$OUT/run_all.log") 2>&1
-phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(env unpack models nospec ours upstream micro drafter report)
 
 say() { printf '[run_all %s +%ss] %s\n' "$(date +%H:%M:%S)" "$(( $(date +%s) - start ))" "$*"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
-done_ok() { [ "${GPU_LANE_FORCE:-0}" != 1 ] && [ -f "$res/$1.json" ] && grep -q '"ok": true' "$res/$1.json"; }
-kill_server() {
-    local pidfile=$work/server.pid
-    if [ -f "$pidfile" ]; then
-        local pid; pid=$(cat "$pidfile")
-        if kill -0 "$pid" 2>/dev/null; then
-            say "killing leftover server process group $pid"
-            kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null
-            for _ in $(seq 1 20); do  # let the driver release its memory before the next server
-                used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1)
-                [ -z "$used" ] || [ "$used" -lt 4096 ] && break
-                sleep 2
-            done
+# `models` writes files the speed phases read: never taken as done (it reuses them when present)
+done_ok() { [ "$1" != models ] && [ "${GPU_LANE_FORCE:-0}" != 1 ] && [ -f "$res/$1.json" ] && grep -q '"ok": true' "$res/$1.json"; }
+
+kill_group_of() {  # PIDFILE: TERM, then KILL, every process group a phase started
+    local file=$1 pid
+    [ -f "$file" ] || return 0
+    while read -r pid; do
+        [ -n "$pid" ] || continue
+        if kill -0 -- "-$pid" 2>/dev/null; then
+            say "killing leftover process group $pid"
+            kill -TERM -- "-$pid" 2>/dev/null
+            for _ in $(seq 1 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+            kill -KILL -- "-$pid" 2>/dev/null
         fi
-        rm -f "$pidfile"
-    fi
+    done < "$file"
+    rm -f "$file"
 }
-# run PHASE_NAME SECONDS CMD...: bounded by the phase's seconds and what is left overall
+
+publish() {  # the report and logs as they stand, into $OUT
+    "$py" bench/gpu/gpu_bench.py report --results "$res" --out "$OUT" > "$logs/report.log" 2>&1 \
+        || say "report FAILED: $(tail -n 3 "$logs/report.log" | tr '\n' ' ')"
+    local part=$OUT/.logs.$BASHPID.part  # a background phase may publish at the same time
+    tar -C "$work" -czf "$part" logs results 2>/dev/null && mv "$part" "$OUT/logs.tar.gz"
+}
+
+# run_phase NAME CAP: one gpu_bench.py phase under `timeout`, bounded by its cap and the budget
 run_phase() {
-    local name=$1 secs=$2; shift 2
-    local avail; avail=$(( $(left) - 25 ))
+    local name=$1 secs=$2 avail
+    avail=$(( $(left) - reserve ))
     [ "$secs" -gt "$avail" ] && secs=$avail
     if [ "$secs" -lt 20 ]; then
-        say "$name: skipped, budget spent"
+        say "$name: not started, budget spent"
         return 1
     fi
     say "$name: start (up to ${secs}s)"
-    GPU_LANE_PIDFILE=$work/server.pid timeout --signal=TERM --kill-after=30 "$secs" "$@" > "$logs/$name.log" 2>&1
+    GPU_LANE_PIDFILE=$pids/$name timeout --signal=TERM --kill-after=20 "$secs" \
+        "$py" bench/gpu/gpu_bench.py run "$name" --results "$res" --logs "$logs" --models "$work/models" \
+        --budget $(( secs - 15 )) > "$logs/phase_$name.log" 2>&1
     local rc=$?
-    kill_server
-    say "$name: rc=$rc ($(tail -n 1 "$logs/$name.log" 2>/dev/null | cut -c1-200))"
+    kill_group_of "$pids/$name"
+    [ -f "$res/$name.json" ] || printf '{"ok": false, "phase": "%s", "error": "killed after %ss (rc %s) before writing a result"}\n' \
+        "$name" "$secs" "$rc" > "$res/$name.json"
+    say "$name: rc=$rc ($(tail -n 1 "$logs/phase_$name.log" 2>/dev/null | cut -c1-160))"
+    [ "$dryrun" = 1 ] || say "$name: JIT caches now $(du -sh "$work/jit" 2>/dev/null | cut -f1)"
+    publish
     return $rc
 }
 
-# ------------------------------------------------------------------ environment + bundle
+bg=()  # background phases: "pid name"
+start_bg() {  # NAME CAP: a phase beside the ones that follow (its cap is counted from now, within the budget)
+    run_phase "$1" "$2" &
+    bg+=("$! $1")
+    sleep 3  # staggered: servers starting together pick ports and profile memory one after another
+}
+wait_bg() {  # every background phase ends within its own cap, itself within the budget
+    local entry
+    for entry in "${bg[@]}"; do
+        say "waiting for background phase ${entry#* }"
+        wait "${entry%% *}" 2>/dev/null
+    done
+    bg=()
+}
+
+# ------------------------------------------------------------------ environment
 setup_env() {
-    local manifest=$work/bundle/MANIFEST.json
-    [ -f "$manifest" ] || phase_unpack
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false GPU_LANE_DRYRUN=$dryrun
+    if [ "$dryrun" = 1 ]; then
+        export PYTHONPATH=$repo SGLANG_USE_CPU_ENGINE=1 GPU_LANE_ROUTE="cpu rehearsal (no bundle)"
+        return 0
+    fi
+    local manifest=$work/bundle/MANIFEST.json route paths fallback
+    [ -f "$manifest" ] || unpack
     [ -f "$manifest" ] || { say "no unpacked bundle in $work/bundle"; return 1; }
-    local route paths fallback
     route=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['sgl_kernel_route'])" "$manifest")
     paths=$("$py" -c "import json,sys; print(':'.join(sys.argv[2] + '/' + p for p in json.load(open(sys.argv[1]))['pythonpath']))" "$manifest" "$work/bundle")
     fallback=$("$py" -c "import json,sys; print(':'.join(sys.argv[2] + '/' + p for p in json.load(open(sys.argv[1]))['fallback_pythonpath']))" "$manifest" "$work/bundle")
-    export PYTHONPATH=$repo:$paths
-    export GPU_LANE_ROUTE=$route
+    export PYTHONPATH=$repo:$paths GPU_LANE_ROUTE=$route
+    # every compile cache in one folder: kept while the machine is warm, returned at the end
     export TRITON_CACHE_DIR=$work/jit/triton FLASHINFER_WORKSPACE_BASE=$work/jit/flashinfer \
            TVM_FFI_CACHE_DIR=$work/jit/tvm-ffi SGLANG_CACHE_DIR=$work/jit/sglang \
            TORCHINDUCTOR_CACHE_DIR=$work/jit/inductor XDG_CACHE_HOME=$work/jit/xdg HF_HOME=$work/hf \
-           HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
            SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python MAX_JOBS=${MAX_JOBS:-16} \
            FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
     if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
         CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME
     fi
     if [ "$route" = real ]; then
-        # the real sglang-kernel 0.4.10 must load AND compute right on this torch; else use the stand-in
-        if timeout 180 "$py" - > "$logs/sgl_kernel_probe.log" 2>&1 <<'EOF'
+        # the real sglang-kernel must load AND compute right on this torch; else the stand-in
+        if ! timeout 180 "$py" - > "$logs/sgl_kernel_probe.log" 2>&1 <<'EOF'
 import torch, sgl_kernel
 x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
 w = torch.rand(4096, device="cuda", dtype=torch.bfloat16)
 out = torch.empty_like(x)
 torch.ops.sgl_kernel.rmsnorm.default(out, x, w, 1e-6, False)
 ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(x.dtype)
-err = (out.float() - ref.float()).abs().max().item()
-print("max abs err", err)
-assert err < 0.05, err
+assert (out.float() - ref.float()).abs().max().item() < 0.05
 EOF
         then
-            say "sgl_kernel: real sglang-kernel 0.4.10 probe passed"
-        else
-            say "sgl_kernel: real sglang-kernel probe FAILED ($(tail -n 2 "$logs/sgl_kernel_probe.log" | tr '\n' ' ' | cut -c1-200)); using the stand-in"
+            say "sgl_kernel: real sglang-kernel probe FAILED; using the stand-in"
             export PYTHONPATH=$repo:$fallback GPU_LANE_ROUTE="standin (real failed its probe)"
         fi
     fi
     say "PYTHONPATH=$PYTHONPATH route=$GPU_LANE_ROUTE CUDA_HOME=${CUDA_HOME:-unset}"
 }
 
-phase_unpack() {
-    [ -f "$bundle" ] || { say "unpack: no bundle at $bundle (build it with bench/gpu/build_bundle.sh)"; return 1; }
-    local sum; sum=$(sha256sum "$bundle" | cut -c1-64)
-    if [ -f "$work/bundle/.sha256" ] && [ "$(cat "$work/bundle/.sha256")" = "$sum" ]; then
-        say "unpack: bundle already unpacked"
-    else
-        rm -rf "$work/bundle"; mkdir -p "$work/bundle"
-        local t0; t0=$(date +%s)
+unpack() {
+    [ -f "$bundle" ] || { say "unpack: no bundle at $bundle (make gpu-bundle)"; return 1; }
+    local sum t0; sum=$(sha256sum "$bundle" | cut -c1-64)
+    if [ "$(cat "$work/bundle/.sha256" 2>/dev/null)" != "$sum" ]; then
+        rm -rf "$work/bundle"; mkdir -p "$work/bundle"; t0=$(date +%s)
         xz -d -T0 -c "$bundle" | tar -x -C "$work/bundle" || { say "unpack: FAILED"; return 1; }
         echo "$sum" > "$work/bundle/.sha256"
         say "unpack: $(du -sh "$work/bundle" | cut -f1) in $(( $(date +%s) - t0 ))s"
@@ -128,75 +167,89 @@ phase_unpack() {
     fi
 }
 
+import_previous() {  # phases a previous call finished (its gpu_results.json, copied to .gpucarry/)
+    [ -f "$previous" ] || return 0
+    "$py" - "$previous" "$res" <<'EOF'
+import json, sys
+from pathlib import Path
+phases = json.loads(Path(sys.argv[1]).read_text()).get("phases", {})
+res = Path(sys.argv[2])
+took = [n for n, d in phases.items() if d.get("ok") and n != "models" and not (res / f"{n}.json").exists()]
+for n in took:
+    (res / f"{n}.json").write_text(json.dumps(phases[n]))
+print("imported from the previous call:", ", ".join(took) or "nothing")
+EOF
+}
+
 machine_report() {
     {
-        echo "## nvidia-smi"; timeout 30 nvidia-smi 2>&1 | head -20
-        echo "## glibc"; ldd --version 2>&1 | head -1
+        echo "## nvidia-smi"; timeout 30 nvidia-smi 2>&1 | head -15
         echo "## nvcc"; timeout 30 nvcc --version 2>&1 | tail -2
         echo "## python"; timeout 60 "$py" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, torch.version.cuda)"
+        echo "## cpus"; nproc
         echo "## disk"; df -h "$work" 2>&1 | tail -1
     } > "$logs/env_machine.txt" 2>&1
 }
 
 collect() {
-    say "collect: report + logs + JIT caches into $OUT"
-    "$py" bench/gpu/gpu_bench.py report --results "$res" --out "$OUT" > "$logs/report.log" 2>&1 \
-        || say "report FAILED: $(tail -n 3 "$logs/report.log" | tr '\n' ' ')"
-    cp "$res"/*.json "$logs/" 2>/dev/null
-    tar -C "$work" -cJf "$OUT/logs.tar.xz" logs 2>/dev/null
-    local limit=$(( 15 * 1048576 ))
-    local t0; t0=$(date +%s)
+    wait_bg
+    publish
+    [ "$dryrun" = 1 ] && return 0
+    # the compiled kernels, within what is left of the budget (a partial archive never lands in $OUT)
+    local limit=$(( 15 * 1048576 )) t0 secs exclude part=$OUT/.jit.part
+    t0=$(date +%s)
     for exclude in "" "--exclude=triton --exclude=inductor --exclude=xdg"; do
+        secs=$(( $(left) + reserve - 5 ))
+        [ "$secs" -ge 10 ] || { say "collect: no time left to pack the JIT caches"; break; }
         # shellcheck disable=SC2086
-        tar -C "$work/jit" $exclude --exclude=.restored -cf - . 2>/dev/null | xz -6 -T0 > "$OUT/jit-cache.tar.xz"
-        [ "$(stat -c %s "$OUT/jit-cache.tar.xz")" -le "$limit" ] && break
-        rm -f "$OUT/jit-cache.tar.xz"
+        if timeout "$secs" bash -c "tar -C '$work/jit' $exclude --exclude=.restored -cf - . | xz -3 -T0 > '$part'" \
+            && [ "$(stat -c %s "$part")" -le "$limit" ]; then
+            mv "$part" "$OUT/jit-cache.tar.xz"
+            say "collect: jit-cache.tar.xz $(du -h "$OUT/jit-cache.tar.xz" | cut -f1) in $(( $(date +%s) - t0 ))s"
+            break
+        fi
     done
-    if [ -f "$OUT/jit-cache.tar.xz" ]; then
-        say "collect: jit-cache.tar.xz $(du -h "$OUT/jit-cache.tar.xz" | cut -f1) in $(( $(date +%s) - t0 ))s"
-    else
-        say "collect: JIT caches over 15 MiB even without triton; not returned ($(du -sh "$work/jit" | cut -f1))"
-    fi
+    rm -f "$part"
+    [ -f "$OUT/jit-cache.tar.xz" ] || say "collect: JIT caches not returned ($(du -sh "$work/jit" | cut -f1))"
 }
 
-trap 'kill_server' EXIT
-say "phases: ${phases[*]}; budget ${budget}s; OUT=$OUT"
-for phase in "${phases[@]}"; do
-    case $phase in
-        unpack) phase_unpack ;;
-        env)
-            machine_report
-            setup_env && run_phase env 120 "$py" bench/gpu/gpu_bench.py env --results "$res" ;;
-        models)
-            [ -n "${GPU_LANE_ROUTE:-}" ] || setup_env
-            done_ok models || run_phase models 150 "$py" bench/gpu/gpu_bench.py models --models "$work/models" --results "$res" ;;
-        nospec|ours|upstream)
-            [ -n "${GPU_LANE_ROUTE:-}" ] || setup_env
-            if done_ok "serve_$phase"; then say "$phase: done earlier, skipped"; continue; fi
-            case $phase in nospec) secs=240 ;; ours) secs=210 ;; upstream) secs=180 ;; esac
-            # the first server on a machine without compiled kernels pays for the JIT builds
-            if [ "$phase" = nospec ] && [ -z "$(ls -A "$work/jit/flashinfer" 2>/dev/null)" ]; then secs=330; fi
-            run_phase "serve_$phase" "$secs" "$py" bench/gpu/gpu_bench.py serve --mode "$phase" --models "$work/models" \
-                --results "$res" --logs "$logs" --budget $(( secs - 40 )) --start-timeout $(( secs - 70 ))
-            if [ "$phase" = upstream ] && ! done_ok serve_upstream && [ "$(left)" -gt 150 ]; then
-                # the plugin's upstream passthrough failed: run SGLang's DFLASH with the plugin not loaded
-                say "upstream: retry with SGLANG_PLUGINS=none (plugin not loaded)"
-                SGLANG_PLUGINS=none run_phase serve_upstream_noplugin 150 "$py" bench/gpu/gpu_bench.py serve --mode upstream \
-                    --models "$work/models" --results "$res" --logs "$logs" --budget 110 --start-timeout 90 --tag _noplugin \
-                    && cp "$res/serve_upstream_noplugin.json" "$res/serve_upstream.json"
-            fi ;;
-        micro)
-            [ -n "${GPU_LANE_ROUTE:-}" ] || setup_env
-            done_ok micro || run_phase micro 120 "$py" bench/gpu/gpu_bench.py micro --results "$res" --budget 90 ;;
-        drafter)
-            # the kernel-level drafter benchmark (bench/gpu/drafter_step.py), when the repo has it
-            [ -n "${GPU_LANE_ROUTE:-}" ] || setup_env
-            if [ -f bench/gpu/drafter_step.py ] && ! [ -s "$res/drafter_kernel.json" ]; then
-                run_phase drafter_kernel 120 "$py" bench/gpu/drafter_step.py --json "$res/drafter_kernel.json"
-            fi ;;
-        report) ;;
-        *) say "unknown phase $phase" ;;
+# ------------------------------------------------------------------ phases
+trap 'for f in "$pids"/*; do kill_group_of "$f"; done' EXIT
+setup_env || { publish; exit 1; }
+mapfile -t plan < <("$py" bench/gpu/gpu_bench.py plan)
+[ ${#plan[@]} -gt 0 ] || { say "gpu_bench.py plan failed"; exit 1; }
+selected=("$@")
+want() {  # is phase $1 selected (by name or group)?
+    [ ${#selected[@]} -eq 0 ] && return 0
+    local s
+    for s in "${selected[@]}"; do
+        case $s in
+            "$1") return 0 ;;
+            eq|eq_bf16|eq_fp32|speed|tests) [[ $1 == "$s"_* ]] && return 0 ;;
+        esac
+        [ "$s" = speed ] && [ "$1" = models ] && return 0
+        [ "$s" = micro ] && [ "$1" = drafter_kernel ] && return 0
+    done
+    return 1
+}
+import_previous
+say "budget ${budget}s; dryrun=$dryrun; OUT=$OUT; phases: ${*:-all}"
+for line in "${plan[@]}"; do
+    read -r name cap how <<< "$line"
+    want "$name" || continue
+    if done_ok "$name"; then say "$name: done earlier, skipped"; continue; fi
+    [ "$name" = env ] && machine_report
+    case $how in
+        bg) start_bg "$name" "$cap" ;;
+        par)  # beside the others on the device (nothing timed); one after another in the rehearsal
+            if [ "$parallel" = 1 ]; then start_bg "$name" "$cap"; else run_phase "$name" "$cap"; fi ;;
+        excl) wait_bg; run_phase "$name" "$cap" ;;
+        *) run_phase "$name" "$cap" ;;
     esac
+    if [ "$name" = env ] && ! done_ok env; then
+        say "env failed: the lane cannot run here; see gpu_results.md"
+        break
+    fi
 done
 collect
 say "done in $(( $(date +%s) - start ))s; results in $OUT"

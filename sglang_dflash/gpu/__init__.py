@@ -1,7 +1,7 @@
 """CUDA fast paths for the drafter: Triton kernels, FlashInfer attention, CUDA graphs.
 
-Each has a portable twin it must match numerically (``draft_attention``,
-``drafter.inject``, ``acceptance``, ``proposer``). Importing this package loads neither
+Each has a portable twin it must match numerically (``model.draft_attention``,
+``model.drafter.inject``, ``spec.accept``, ``spec.proposer``). Importing this package loads neither
 triton nor flashinfer nor CUDA: the names below resolve lazily, and the ``*_available``
 helpers say up front whether a path can run, so the worker picks its backend once
 instead of catching failures at run time.
@@ -17,8 +17,8 @@ _LAZY = {
     "store_context_kv": "triton_kernels",
     "store_context_kv_reference": "triton_kernels",
     "FusedContextInjector": "triton_kernels",
-    "fused_inject": "triton_kernels",
     "greedy_commit": "triton_kernels",
+    "fused_greedy_acceptance": "triton_kernels",
     "greedy_commit_reference": "triton_kernels",
     "GreedyCommit": "triton_kernels",
     "FlashInferDraftAttention": "flashinfer_attention",

@@ -22,9 +22,9 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..draft_attention import DraftAttnPlan
-from ..proposer import BlockProposer, Proposal, make_proposal
-from ..sampled_rows import SampledRows
+from ..model.draft_attention import DraftAttnPlan
+from ..spec.proposer import BlockProposer, Proposal, make_proposal
+from ..spec.sampling import SampledRows
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
@@ -76,6 +76,7 @@ class GraphedProposer:
         self.block_slots = torch.full((max_bs * block,), self.pad_slot, dtype=torch.long, device=self.device)
         self.graphs: dict[int, _Captured] = {}
         self._pool = None
+        self.last_replayed = False  # whether the last draft() replayed a graph (telemetry)
 
     # ------------------------------------------------------------------ capture
     def capture(self) -> None:
@@ -108,7 +109,7 @@ class GraphedProposer:
         proposer, block = self.proposer, self.block_size
         tokens = proposer.block_tokens(self.bonus[:bs])
         x = proposer.drafter.scale_input(proposer.embed(tokens.reshape(-1)))
-        hidden = proposer.drafter(x, self.positions[:bs].reshape(-1), self.attention)
+        hidden = proposer.drafter(x, self.positions[:bs].reshape(-1), self.attention, block)
         hidden = hidden.view(bs, block, -1)[:, 1:].reshape(bs * (block - 1), -1)
         logits = proposer.lm_head(hidden).view(bs, block - 1, -1)
         return logits, logits.argmax(dim=-1)
@@ -126,7 +127,8 @@ class GraphedProposer:
         bucket = self.bucket_for(bs)
         lens_host = (plan.kv_lens if kv_lens_cpu is None else kv_lens_cpu).to("cpu", torch.int64)
         total = int(lens_host.sum()) + (0 if bucket is None else (bucket - bs) * self.block_size)
-        if bucket is None or not self.attention.fits_graph(bucket, total):
+        self.last_replayed = bucket is not None and self.attention.fits_graph(bucket, total)
+        if not self.last_replayed:
             logits = self.proposer.draft_logits(bonus, plan)
             return logits, logits.argmax(dim=-1)
         self.bonus[:bs].copy_(bonus)

@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import DFlashConfig
-from ..draft_attention import DraftAttnPlan
-from ..draft_kv import DraftKVCache
+from ..model.config import DFlashConfig
+from ..model.draft_attention import DraftAttnPlan
+from ..model.draft_kv import DraftKVCache
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 

@@ -6,10 +6,11 @@ same-signature plain-torch reference (the spec the kernel is tested against).
   ``cache.k[layer, slot]`` / ``cache.v[layer, slot]``, for every drafter layer in one
   launch. Unfused, that is ``3 * layers`` elementwise kernels and ``layers`` scatters per
   step; :class:`FusedContextInjector` puts the one GEMM over stacked ``k_proj``/``v_proj``
-  weights in front of it so ``fused_inject`` equals ``DFlashDrafter.inject``.
-* :func:`greedy_commit` -- greedy chain acceptance plus the commit arithmetic
-  (``num_accepted``, ``bonus``, ``commit_lens``, ``new_seq_lens``) in one launch instead
-  of the eight small torch ops of ``acceptance.greedy_chain_acceptance``.
+  weights in front of it so it equals ``DFlashDrafter.inject``.
+* :func:`greedy_commit` -- greedy chain acceptance (plus, given ``seq_lens``, the commit
+  arithmetic ``commit_lens``, ``new_seq_lens``) in one launch instead of the small
+  torch ops of ``spec.accept.greedy_chain_acceptance``;
+  :func:`fused_greedy_acceptance` is the worker's greedy rule on CUDA.
 
 The kernels need CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
 this module is imported (that is how the CPU tests run them). Everything is computed in
@@ -20,7 +21,6 @@ drafter (which rounds after each op) by a few bf16 ulps.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..acceptance import Acceptance, greedy_chain_acceptance
-from ..draft_kv import DraftKVCache
-from ..drafter import DFlashDrafter
-from ..rope import rotate_half
+from ..spec.accept import Acceptance, greedy_chain_acceptance
+from ..model.draft_kv import DraftKVCache
+from ..model.drafter import DFlashDrafter
+from ..model.rope import rotate_half
 
 
 def interpreting() -> bool:
@@ -213,6 +213,10 @@ class FusedContextInjector:
     drafter's own k/v weights become views into that matrix, so it costs no extra
     memory and later in-place weight loads stay visible to both.
 
+    Construction is the only moment parameters are re-pointed: build it once, before
+    anything (a CUDA graph) records the addresses of the drafter's weights; calling it
+    never moves storage.
+
     ``kernel=None`` picks the Triton kernel when the drafter lives on CUDA (or the
     interpreter is on) and the torch reference otherwise; the choice is made once.
     Build it after the drafter has its final device and dtype: ``.to()`` replaces the
@@ -264,20 +268,6 @@ class FusedContextInjector:
         store(proj, self.k_norm_weight, cos, sin, slots, cache.k, cache.v, self.eps)
 
 
-_INJECTORS: "weakref.WeakKeyDictionary[DFlashDrafter, FusedContextInjector]" = weakref.WeakKeyDictionary()
-
-
-def fused_inject(
-    drafter: DFlashDrafter, cache: DraftKVCache, features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
-) -> None:
-    """Drop-in for ``drafter.inject(cache, features, positions, slots)``; the stacked
-    weights are built on first use per drafter (sharing storage with it)."""
-    injector = _INJECTORS.get(drafter)
-    if injector is None:
-        injector = _INJECTORS[drafter] = FusedContextInjector(drafter)
-    injector(cache, features, positions, slots)
-
-
 # ====================================================================== greedy commit
 
 
@@ -287,14 +277,14 @@ class GreedyCommit:
 
     num_accepted: accepted drafts (bonus not counted).
     bonus:        the new bonus token (``target_top1``'s dtype).
-    commit_lens:  ``num_accepted + 1`` tokens emitted and committed.
-    new_seq_lens: ``seq_lens + commit_lens`` (``seq_lens``' dtype).
+    commit_lens:  ``num_accepted + 1`` tokens emitted and committed (None without seq_lens).
+    new_seq_lens: ``seq_lens + commit_lens`` (``seq_lens``' dtype; None without seq_lens).
     """
 
     num_accepted: torch.Tensor
     bonus: torch.Tensor
-    commit_lens: torch.Tensor
-    new_seq_lens: torch.Tensor
+    commit_lens: Optional[torch.Tensor]
+    new_seq_lens: Optional[torch.Tensor]
 
     def acceptance(self, target_top1: torch.Tensor) -> Acceptance:
         """The same outcome as ``acceptance.Acceptance`` (emitted tokens are target_top1)."""
@@ -314,6 +304,7 @@ def _greedy_commit_kernel(
     stride_t,
     num_nodes,
     BLOCK: tl.constexpr,
+    WITH_LENS: tl.constexpr,
 ):
     """One program per request: the first mismatch of ``draft[j+1]`` vs ``top1[j]``."""
     row = tl.program_id(0).to(tl.int64)
@@ -324,11 +315,12 @@ def _greedy_commit_kernel(
     miss = valid & (drafts != top1)
     accepted = tl.min(tl.where(miss, offs, num_nodes - 1), axis=0).to(tl.int64)
     bonus = tl.load(top1_ptr + row * stride_t + accepted)
-    seq_len = tl.load(seq_lens_ptr + row)
     tl.store(num_accepted_ptr + row, accepted)
     tl.store(bonus_ptr + row, bonus)
-    tl.store(commit_ptr + row, accepted + 1)
-    tl.store(new_lens_ptr + row, (seq_len + accepted + 1).to(new_lens_ptr.dtype.element_ty))
+    if WITH_LENS:
+        seq_len = tl.load(seq_lens_ptr + row)
+        tl.store(commit_ptr + row, accepted + 1)
+        tl.store(new_lens_ptr + row, (seq_len + accepted + 1).to(new_lens_ptr.dtype.element_ty))
 
 
 def _check_commit_shapes(draft_tokens, target_top1, seq_lens) -> None:
@@ -336,51 +328,65 @@ def _check_commit_shapes(draft_tokens, target_top1, seq_lens) -> None:
         raise ValueError(
             f"draft_tokens {tuple(draft_tokens.shape)} and target_top1 {tuple(target_top1.shape)} must both be [bs, N>=1]"
         )
-    if seq_lens.shape != draft_tokens.shape[:1]:
+    if seq_lens is not None and seq_lens.shape != draft_tokens.shape[:1]:
         raise ValueError(f"seq_lens must be [{draft_tokens.shape[0]}], got {tuple(seq_lens.shape)}")
 
 
-def greedy_commit(draft_tokens: torch.Tensor, target_top1: torch.Tensor, seq_lens: torch.Tensor) -> GreedyCommit:
+def greedy_commit(
+    draft_tokens: torch.Tensor, target_top1: torch.Tensor, seq_lens: Optional[torch.Tensor] = None
+) -> GreedyCommit:
     """draft_tokens, target_top1: [bs, N] (node 0 = previous bonus); seq_lens: [bs]
-    committed lengths before this step -> :class:`GreedyCommit` (Triton, no host sync)."""
+    committed lengths before this step, or None to skip the length arithmetic ->
+    :class:`GreedyCommit` (Triton, no host sync)."""
     _check_commit_shapes(draft_tokens, target_top1, seq_lens)
     bs, n = draft_tokens.shape
     device = draft_tokens.device
+    with_lens = seq_lens is not None
     out = GreedyCommit(
         num_accepted=torch.empty(bs, dtype=torch.long, device=device),
         bonus=torch.empty(bs, dtype=target_top1.dtype, device=device),
-        commit_lens=torch.empty(bs, dtype=torch.long, device=device),
-        new_seq_lens=torch.empty(bs, dtype=seq_lens.dtype, device=device),
+        commit_lens=torch.empty(bs, dtype=torch.long, device=device) if with_lens else None,
+        new_seq_lens=torch.empty(bs, dtype=seq_lens.dtype, device=device) if with_lens else None,
     )
     if bs == 0:
         return out
     draft_tokens = draft_tokens if draft_tokens.stride(1) == 1 else draft_tokens.contiguous()
     target_top1 = target_top1 if target_top1.stride(1) == 1 else target_top1.contiguous()
-    _check_launchable(draft_tokens, target_top1, seq_lens)
+    _check_launchable(draft_tokens, target_top1, *([seq_lens] if with_lens else []))
+    unused = out.num_accepted  # the length pointers of a launch WITH_LENS=False: never read or written
     _greedy_commit_kernel[(bs,)](
         draft_tokens,
         target_top1,
-        seq_lens,
+        seq_lens if with_lens else unused,
         out.num_accepted,
         out.bonus,
-        out.commit_lens,
-        out.new_seq_lens,
+        out.commit_lens if with_lens else unused,
+        out.new_seq_lens if with_lens else unused,
         draft_tokens.stride(0),
         target_top1.stride(0),
         n,
         BLOCK=triton.next_power_of_2(max(n - 1, 1)),
+        WITH_LENS=with_lens,
     )
     return out
 
 
-def greedy_commit_reference(draft_tokens: torch.Tensor, target_top1: torch.Tensor, seq_lens: torch.Tensor) -> GreedyCommit:
-    """Plain-torch :func:`greedy_commit`, through ``acceptance.greedy_chain_acceptance``."""
+def fused_greedy_acceptance(draft_tokens: torch.Tensor, target_top1: torch.Tensor) -> Acceptance:
+    """``spec.accept.greedy_chain_acceptance`` in one launch: the worker's greedy rule on
+    CUDA (``verify_chain(..., greedy=fused_greedy_acceptance)``)."""
+    return greedy_commit(draft_tokens, target_top1).acceptance(target_top1)
+
+
+def greedy_commit_reference(
+    draft_tokens: torch.Tensor, target_top1: torch.Tensor, seq_lens: Optional[torch.Tensor] = None
+) -> GreedyCommit:
+    """Plain-torch :func:`greedy_commit`, through ``spec.accept.greedy_chain_acceptance``."""
     _check_commit_shapes(draft_tokens, target_top1, seq_lens)
     result = greedy_chain_acceptance(draft_tokens, target_top1)
     commit_lens = result.num_accepted.long() + 1
     return GreedyCommit(
         num_accepted=result.num_accepted.long(),
         bonus=result.bonus,
-        commit_lens=commit_lens,
-        new_seq_lens=(seq_lens + commit_lens).to(seq_lens.dtype),
+        commit_lens=commit_lens if seq_lens is not None else None,
+        new_seq_lens=(seq_lens + commit_lens).to(seq_lens.dtype) if seq_lens is not None else None,
     )

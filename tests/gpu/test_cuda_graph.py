@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_dflash.proposer import BlockProposer
-from sglang_dflash.sampled_rows import SampledRows
-from sglang_dflash.sampling import RowSampling
+from sglang_dflash.spec.proposer import BlockProposer
+from sglang_dflash.spec.sampling import SampledRows
+from sglang_dflash.spec.sampling import RowSampling
 from tests.test_gpu_imports import MASK_CONFIGS, drafter_config, random_cache, random_drafter, random_plan
 
 pytestmark = [
@@ -30,10 +30,10 @@ def flashinfer():
     return pytest.importorskip("flashinfer")
 
 
-def _build(mask: str):
+def _build(mask: str, head_dim: int = 128):
     from sglang_dflash.gpu import FlashInferDraftAttention, GraphedProposer
 
-    config = drafter_config(**MASK_CONFIGS[mask], hidden=256, heads=4, kv_heads=2, head_dim=64, block_size=8, vocab=512)
+    config = drafter_config(**MASK_CONFIGS[mask], hidden=256, heads=4, kv_heads=2, head_dim=head_dim, block_size=8, vocab=512)
     drafter = random_drafter(config, dtype=torch.bfloat16, device="cuda")
     cache = random_cache(config, NUM_SLOTS, dtype=torch.bfloat16, device="cuda")
     attention = FlashInferDraftAttention(cache, config, graph_batch_sizes=BUCKETS)
@@ -68,9 +68,10 @@ def _assert_same_drafts(actual, expected):
     assert torch.equal(actual.tokens[:, 0], expected.tokens[:, 0])
 
 
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["hd128", "hd64"])
 @pytest.mark.parametrize("mask", ["full", "mixed-sliding"])
-def test_replay_matches_eager_across_buckets(mask):
-    config, cache, proposer, graphed = _build(mask)
+def test_replay_matches_eager_across_buckets(mask, head_dim):
+    config, cache, proposer, graphed = _build(mask, head_dim)
     assert set(graphed.graphs) == set(BUCKETS)
     for step, bs in enumerate([1, 3, 8, 5, 11]):  # 3, 5 pad; 11 is above the largest bucket
         plan = random_plan(_prefixes(bs, step), config.block_size, NUM_SLOTS, device="cuda", seed=step)
@@ -82,6 +83,7 @@ def test_replay_matches_eager_across_buckets(mask):
             cache.k.copy_(before_k)
             actual = graphed.propose(bonus, plan, kv_lens_cpu=plan.kv_lens.cpu())
         torch.cuda.synchronize()
+        assert graphed.last_replayed == (bs <= max(BUCKETS))  # what describe() counts as graph vs eager
         assert actual.tokens.shape == (bs, config.block_size)
         _assert_same_drafts(actual, expected)
         # padding rows touch only the pad slot: every other row equals the eager run's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglang_dflash.draft_attention import TorchDraftAttention
+from sglang_dflash.model.draft_attention import TorchDraftAttention
 from tests.test_gpu_imports import MASK_CONFIGS, drafter_config, random_cache, random_plan
 
 pytestmark = [
@@ -19,9 +19,11 @@ pytestmark = [
 ]
 
 TOL = dict(rtol=2e-2, atol=2e-2)
+# ids name the head_dim: the GPU lane runs the hd128 cases first (their FlashInfer
+# kernels are the servers'), the hd64 ones (SmolLM2's) later.
 SHAPES = {
-    "tiny": dict(heads=4, kv_heads=2, head_dim=64, block_size=4),
-    "qwen3-8b": dict(heads=32, kv_heads=8, head_dim=128, block_size=16),
+    "small-hd64": dict(heads=4, kv_heads=2, head_dim=64, block_size=4),
+    "qwen3-8b-hd128": dict(heads=32, kv_heads=8, head_dim=128, block_size=16),
 }
 
 
@@ -84,7 +86,7 @@ def test_graph_mode_replans_outside_the_graph(mask):
     kernels must read the new plan."""
     from sglang_dflash.gpu import FlashInferDraftAttention
 
-    config = _config(mask, "qwen3-8b")
+    config = _config(mask, "qwen3-8b-hd128")
     num_slots, bs = 8192, 4
     cache = random_cache(config, num_slots, dtype=torch.bfloat16, device="cuda")
     attention = FlashInferDraftAttention(cache, config, graph_batch_sizes=(2, bs))

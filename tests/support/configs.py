@@ -20,3 +20,14 @@ def tiny_spec(target, drafter, **extra) -> dict:
         "enable-metrics": True,
         **extra,
     }
+
+
+# Verify every whole block (the policy off): with the tiny target's weak drafter on a
+# CPU the adaptive policy rightly decodes plainly most of the time, and a losslessness
+# test must compare multi-token commits, not plain decoding with plain decoding.
+FULL_BLOCKS = {"no-speculative-dflash-adaptive": True}
+
+
+def tiny_full_blocks(target, drafter, **extra) -> dict:
+    """``tiny_spec`` verifying whole blocks: the tiny-target losslessness server."""
+    return tiny_spec(target, drafter, **FULL_BLOCKS, **extra)

@@ -1,0 +1,1 @@
+"""Telemetry: step and acceptance statistics, Prometheus histograms, per-request records."""

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests
 
-from sglang_dflash.testing.devmodels.targets import ARCHITECTURES, build_target, server_flags
+from sglang_dflash.testing.devmodels.targets import ARCHITECTURES, build_target, server_env, server_flags
 from sglang_dflash.testing.local_server import CPU_ARGS, Server
 
 GPU_ARGS = {
@@ -93,7 +93,7 @@ def run_family(name: str, args, work: Path, base_args: dict) -> dict:
     for mode, extra in (("no-spec", {}), ("dflash", {"speculative-algorithm": "DFLASH",
                                                        "speculative-draft-model-path": str(drafter),
                                                        "no-speculative-dflash-adaptive": True})):
-        server = Server(options={**options, **extra}, base_args=base_args)
+        server = Server(options={**options, **extra}, base_args=base_args, env=server_env(name, args.device))
         try:
             server.start(timeout=args.start_timeout)
             serve(server, ps[:2], params, args.batch)  # warm-up (JIT, graphs) off the clock

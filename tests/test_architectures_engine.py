@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 import requests
 
-from sglang_dflash.testing.devmodels.targets import ARCHITECTURES, server_flags
+from sglang_dflash.testing.devmodels.targets import ARCHITECTURES, server_env, server_flags
 from tests.support.equivalence import (
     assert_pools_drained,
     assert_same_tokens,
@@ -31,11 +31,6 @@ from tests.support.equivalence import (
 from tests.support.prompts import token_prompts
 
 N_PROMPTS = 30
-QWEN3_5_DIVERGES = (
-    "Qwen3.5 on the CPU lane: 1 of 30 requests (prompt seed 'qwen3_5', request 24) leaves no-spec at output "
-    "token 23, where the target's top two logits are 0.012 apart (transformers agrees with no-spec); Qwen3-Next, "
-    "with the same GDN kernels, is identical, so the suspects are the Qwen3.5-only CPU stand-in ops on multi-token verifies"
-)
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 
 
@@ -81,8 +76,9 @@ def accepted_drafts(outputs) -> int:
 
 
 def check_family(servers, arch: str, target, drafter, *, batch: int, n_prompts: int = N_PROMPTS) -> dict:
-    spec = servers.get(spec_options(target, drafter, arch), env=STRICT)
-    plain = servers.get(plain_options(target, arch), env=STRICT)
+    env = {**STRICT, **server_env(arch)}
+    spec = servers.get(spec_options(target, drafter, arch), env=env)
+    plain = servers.get(plain_options(target, arch), env=env)
     assert spec.dflash_state()["backend"] == "sglang-dflash"
     start = pools_baseline(spec)
     prompts = token_prompts(n_prompts, vocab_size=512, seed=sum(map(ord, arch)))
@@ -120,8 +116,5 @@ def family_cells() -> list:
 
 
 @pytest.mark.parametrize("arch,batch", family_cells())
-def test_family_greedy_lossless(request, servers, arch_target, arch_drafter, arch, batch):
-    if arch == "qwen3_5" and batch == 16:
-        # Known defect, kept visible: must fail until fixed (then drop this mark).
-        request.applymarker(pytest.mark.xfail(strict=True, reason=QWEN3_5_DIVERGES))
+def test_family_greedy_lossless(servers, arch_target, arch_drafter, arch, batch):
     check_family(servers, arch, arch_target(arch), arch_drafter(arch), batch=batch)

@@ -19,7 +19,13 @@ here, with the semantics of the Triton kernels the GPU runs
   state after every step goes to ``intermediate_states_buffer[row, step]``; the conv
   update writes each step's window to ``intermediate_conv_window[row, step]`` (and,
   like the Triton kernel, still shifts the pool's conv state: the commit after
-  acceptance overwrites it with the accepted step's window).
+  acceptance overwrites it with the accepted step's window);
+* a token entering the conv window is held at the conv pool's dtype (bfloat16 by
+  default), as a decode step stores it: the next token of a verify then sees exactly
+  what it would see after that decode step. On the GPU the model dtype is the pool's
+  and this is a no-op; on the float32 CPU lane, keeping verified tokens at float32
+  made verify-then-commit drift from decoding by up to ~5e-3 per conv output, enough
+  to flip a near-tie greedy choice.
 
 Prefill runs the same recurrence token by token, so a prefix computed by prefill, by
 decode or by verify-and-commit is the same state up to float32 rounding.
@@ -216,7 +222,8 @@ def causal_conv1d_update_cpu(
     for step in range(steps):
         token = xs[:, :, step]
         out[:, :, step] = _activate(_conv_token(window, token, weight, bias), activation).to(out.dtype)
-        window = torch.cat([window[:, :, 1:], token.float()[:, :, None]], dim=-1)
+        stored = token.to(conv_state.dtype).float()
+        window = torch.cat([window[:, :, 1:], stored[:, :, None]], dim=-1)
         if intermediate_conv_window is not None:
             rows = intermediate_state_indices.long()[:batch]
             keep = live & (rows >= 0)

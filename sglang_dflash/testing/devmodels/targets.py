@@ -175,6 +175,19 @@ def server_flags(name: str, device: str = "cpu") -> dict:
     return dict((CPU_FLAGS if device == "cpu" else GPU_FLAGS).get(name, {}))
 
 
+# SGLang keeps a GDN layer's conv state in bfloat16 unless told otherwise. Under the CPU
+# lane's float32 model that rounds the state wherever a prefill chunk ends, so even
+# no-spec output depends on how the scheduler chunked a prompt (one near-tie of 3e-4 in
+# 750 tokens flips on the tiny Qwen3.5). At the model's own dtype, as on a bf16 GPU,
+# storing the state loses nothing and greedy outputs are comparable token for token.
+CPU_ENV = {name: {"SGLANG_MAMBA_CONV_DTYPE": "float32"} for name in HYBRID_LINEAR}
+
+
+def server_env(name: str, device: str = "cpu") -> dict:
+    """The environment the ``name`` family's servers need on ``device`` (cpu or cuda)."""
+    return dict(CPU_ENV.get(name, {})) if device == "cpu" else {}
+
+
 # Keys transformers 5.x leaves out that SGLang 0.5.23's config classes read directly.
 def _sglang_config_keys(name: str, config) -> dict:
     if name in HYBRID_LINEAR:

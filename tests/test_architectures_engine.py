@@ -71,6 +71,23 @@ def stop_token_for(plain, prompts, *, rows, batch: int) -> list[int]:
     return [counts.most_common(1)[0][0]]
 
 
+def assert_serves_the_checkpoint(plain, target, prompts, *, tokens: int = 4) -> None:
+    """The no-spec server is the model transformers runs: the same first greedy tokens
+    on (all but one of) a few prompts. Comparing spec with no-spec proves nothing if
+    both serve something else (an unloaded lm_head serves uniform logits to both)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    served = run(plain, prompts, [{"temperature": 0.0, "max_new_tokens": tokens, "ignore_eos": True}] * len(prompts), batch=1)
+    same = 0
+    with torch.no_grad():
+        for prompt, out in zip(prompts, served):
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, eos_token_id=None)
+            same += out["output_ids"] == want[0, len(prompt) :].tolist()
+    assert same >= len(prompts) - 1, f"no-spec matches transformers on only {same} of {len(prompts)} prompts"
+
+
 def accepted_drafts(outputs) -> int:
     return sum(sum(o["meta_info"].get("spec_dflash_accepted_per_step", [])) for o in outputs)
 
@@ -82,6 +99,7 @@ def check_family(servers, arch: str, target, drafter, *, batch: int, n_prompts: 
     assert spec.dflash_state()["backend"] == "sglang-dflash"
     start = pools_baseline(spec)
     prompts = token_prompts(n_prompts, vocab_size=512, seed=sum(map(ord, arch)))
+    assert_serves_the_checkpoint(plain, target, prompts[:4])
     stop = stop_token_for(plain, prompts, rows=range(0, len(prompts), 3), batch=batch)
     params = [request_params(i, stop_token_ids=stop if i % 3 == 0 else None) for i in range(len(prompts))]
     got, want = run(spec, prompts, params, batch=batch), run(plain, prompts, params, batch=batch)

@@ -125,8 +125,10 @@ def _gpt_oss():
 def _qwen3_next():
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
+    # Untied, as the released models are: SGLang 0.5.23's Qwen3NextForCausalLM never ties
+    # lm_head to the embedding, so a tied checkpoint serves an all-zero lm_head.
     config = Qwen3NextConfig(
-        **{**_common(), "tie_word_embeddings": True, "initializer_range": 0.07},
+        **{**_common(), "tie_word_embeddings": False, "initializer_range": 0.07},
         **_LINEAR,
         intermediate_size=128,
         num_experts=4,

@@ -120,8 +120,8 @@ def check_family(servers, arch: str, target, drafter, *, batch: int, n_prompts: 
 
 
 # CI's slow run takes the families whose CPU-lane paths are their own (a hybrid SWA pool,
-# attention sinks, recurrent state) at batch 16; ``make test-matrix`` runs every cell.
-IN_CI = {"gemma4", "gpt_oss", "qwen3_next"}
+# attention sinks, recurrent state with and without Qwen3.5's fused ops) at batch 16; ``make test-matrix`` runs every cell.
+IN_CI = {"gemma4", "gpt_oss", "qwen3_next", "qwen3_5"}
 
 
 def family_cells() -> list:

@@ -22,6 +22,7 @@ import requests
 
 from sglang_dflash.testing.devmodels.targets import ARCHITECTURES, server_env, server_flags
 from tests.support.equivalence import (
+    accepted_drafts,
     assert_pools_drained,
     assert_same_tokens,
     pools_baseline,
@@ -86,10 +87,6 @@ def assert_serves_the_checkpoint(plain, target, prompts, *, tokens: int = 4) -> 
             want = model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, eos_token_id=None)
             same += out["output_ids"] == want[0, len(prompt) :].tolist()
     assert same >= len(prompts) - 1, f"no-spec matches transformers on only {same} of {len(prompts)} prompts"
-
-
-def accepted_drafts(outputs) -> int:
-    return sum(sum(o["meta_info"].get("spec_dflash_accepted_per_step", [])) for o in outputs)
 
 
 def check_family(servers, arch: str, target, drafter, *, batch: int, n_prompts: int = N_PROMPTS) -> dict:

@@ -80,5 +80,12 @@ def test_pd_pair_equals_one_server(pd_pair, servers, smollm2, smollm2_drafter):
     assert pd_counts == single_counts, (pd_counts, single_counts, sorted(got[0]["meta_info"]))
     # (SGLang leaves both counters out for a request that ends at its first token.)
     assert sum(c[1] or 0 for c in pd_counts) > 0, "no drafts accepted: speculation did not run"
+    # Our own per-token record: the block position of every output token, as one server's
+    # (the decode side's first token came from the prefill server, so it reads 0; a
+    # request that ends at its first token has no verify step and no record on either).
+    records = ("spec_dflash_positions", "spec_dflash_accepted_per_step", "spec_dflash_accepted_by_position")
+    pd_records = [[o["meta_info"].get(k) for k in records] for o in got]
+    assert pd_records == [[o["meta_info"].get(k) for k in records] for o in want]
+    assert any(r[1] and max(r[1]) > 0 for r in pd_records), "no accepted draft in the decode side's record"
     for side in ("prefill", "decode"):
         assert_pool_drained(getattr(pd_pair, side), start[side])
